@@ -1,0 +1,222 @@
+"""Configuration: dataclasses with three named profiles.
+
+Every command has a config dataclass. A profile (``smoke`` for tests, ``quick`` for a
+CPU demo, ``paper`` for the paper's settings) is a set of overrides of the dataclass
+defaults; the command line overrides individual fields on top (explicit flags, or the
+generic ``--set field=value``). Profiles scale sizes, never definitions.
+
+Validation happens once, on entry (:meth:`Config.validate`), with one-line errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from optamal.errors import OptamalError, choice_error
+
+PROFILES = ("smoke", "quick", "paper")
+DEVICES = ("cpu", "cuda", "auto")
+POOLS = ("small", "large")
+
+#: METHOD.md §7: the learning-rate grid.
+LR_GRID = (5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.5, 1.0)
+
+
+def _field_type(cls: type, name: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    return hints[name]
+
+
+def _parse_scalar(tp: Any, raw: str, name: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union or (origin is not None and type(None) in args):
+        if raw.lower() in ("none", "null", ""):
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _parse_scalar(inner, raw, name)
+    if origin in (tuple, list):
+        inner = args[0] if args else str
+        items = [s for s in raw.replace(";", ",").split(",") if s.strip()]
+        return tuple(_parse_scalar(inner, s.strip(), name) for s in items)
+    try:
+        if tp is bool:
+            low = raw.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if tp is int:
+            return int(raw)
+        if tp is float:
+            return float(raw)
+    except ValueError:
+        raise OptamalError(f"invalid value {raw!r} for {name}: expected {tp.__name__}") from None
+    return raw
+
+
+@dataclass
+class Config:
+    """Base class: profile handling, overrides, validation, serialisation."""
+
+    #: field -> value, per profile; subclasses fill it in.
+    PROFILE_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    profile: str = "quick"
+    seed: int = 0
+    device: str = "cpu"
+    runs_dir: str = "runs"
+    name: str | None = None
+    data_root: str | None = None
+    download: bool = False
+
+    @classmethod
+    def build(cls, profile: str = "quick", overrides: dict[str, Any] | None = None,
+              sets: list[str] | None = None) -> "Config":
+        """Defaults, then the profile, then explicit overrides, then ``--set k=v`` pairs."""
+        if profile not in PROFILES:
+            raise choice_error("profile", profile, PROFILES)
+        values: dict[str, Any] = dict(cls.PROFILE_OVERRIDES.get(profile, {}))
+        values["profile"] = profile
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key, val in (overrides or {}).items():
+            if val is None:
+                continue
+            if key not in names:
+                raise OptamalError(f"unknown config field {key!r}")
+            values[key] = val
+        for item in sets or []:
+            if "=" not in item:
+                raise OptamalError(f"--set expects field=value, got {item!r}")
+            key, raw = item.split("=", 1)
+            key = key.strip().replace("-", "_")
+            if key not in names:
+                raise choice_error("config field", key, sorted(names))
+            values[key] = _parse_scalar(_field_type(cls, key), raw.strip(), key)
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.profile not in PROFILES:
+            raise choice_error("profile", self.profile, PROFILES)
+        if self.device not in DEVICES:
+            raise choice_error("device", self.device, DEVICES)
+        if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
+            raise OptamalError(f"invalid run name {self.name!r}: use a plain folder name")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for k, v in out.items():
+            if isinstance(v, tuple):
+                out[k] = list(v)
+        return out
+
+    # Small validation helpers shared by subclasses ------------------------------------
+    def _positive(self, *names: str, allow_zero: bool = False) -> None:
+        for n in names:
+            v = getattr(self, n)
+            if v is None:
+                continue
+            bad = (v < 0) if allow_zero else (v <= 0)
+            if bad or (isinstance(v, float) and not math.isfinite(v)):
+                need = "≥ 0" if allow_zero else "> 0"
+                raise OptamalError(f"{n.replace('_', '-')} must be {need}, got {v}")
+
+
+def resolve_device(device: str) -> str:
+    """Map ``auto`` to cuda when available; refuse ``cuda`` when it is not."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise OptamalError("--device cuda requested but no CUDA device is available; use --device cpu")
+    return device
+
+
+@dataclass
+class ProblemSizing(Config):
+    """Fields shared by every command that trains optimizees."""
+
+    dataset: str | None = None        # None: the problem's own dataset (mnist5k on smoke/quick)
+    batch_size: int | None = None     # None: the problem's own batch size
+    max_train: int | None = None      # cap on training examples (smoke sizes)
+    max_val: int | None = None        # cap on validation examples
+    warmup_steps: int = 100           # METHOD §6: 100 SGD steps ...
+    warmup_lr: float = 0.01           # ... at lr 0.01, shared by every optimizer
+
+    def validate(self) -> None:
+        super().validate()
+        self._positive("batch_size", "max_train", "max_val", "warmup_lr")
+        self._positive("warmup_steps", allow_zero=True)
+
+
+@dataclass
+class TuneLRConfig(ProblemSizing):
+    """`optamal tune-lr`: grid-search each teacher's learning rate (METHOD §7)."""
+
+    PROFILE_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {
+        "smoke": dict(epochs=1, grid=(1e-3, 1e-2, 0.1, 1.0), repeats=1, max_train=512,
+                      max_val=256, warmup_steps=10),
+        "quick": dict(epochs=5, repeats=1),
+        "paper": dict(epochs=5, repeats=3, dataset="native"),
+    }
+
+    pool: str = "large"
+    teachers: tuple[str, ...] = ()   # empty: the whole pool
+    problem: str = "train"
+    epochs: int = 5
+    grid: tuple[float, ...] = LR_GRID
+    repeats: int = 1
+    workers: int = 0                  # 0: one per available core
+
+    def validate(self) -> None:
+        super().validate()
+        from optamal.rules.teachers import TEACHERS
+
+        if self.pool not in POOLS:
+            raise choice_error("pool", self.pool, POOLS)
+        for t in self.teachers:
+            if t not in TEACHERS:
+                raise choice_error("teacher", t, TEACHERS)
+        self._positive("epochs", "repeats")
+        self._positive("workers", allow_zero=True)
+        if not self.grid:
+            raise OptamalError("--grid must name at least one learning rate")
+        for lr in self.grid:
+            if not (lr > 0 and math.isfinite(lr)):
+                raise OptamalError(f"learning rates in --grid must be positive, got {lr}")
+
+
+def parse_float_list(raw: str | None, what: str) -> tuple[float, ...] | None:
+    """Parse ``"1e-3,1e-2"`` into floats, with a one-line error naming the bad item."""
+    if raw is None:
+        return None
+    out = []
+    for item in raw.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            out.append(float(item))
+        except ValueError:
+            raise OptamalError(f"invalid number {item!r} in {what}") from None
+    return tuple(out)
+
+
+def parse_name_list(raw: str | None) -> tuple[str, ...] | None:
+    if raw is None:
+        return None
+    return tuple(s.strip() for s in raw.split(",") if s.strip())
+
+
+__all__ = [
+    "Config", "ProblemSizing", "TuneLRConfig", "PROFILES", "DEVICES", "POOLS", "LR_GRID",
+    "resolve_device", "parse_float_list", "parse_name_list", "field",
+]
