@@ -406,7 +406,7 @@ def make_problem(name: str, *, dataset: str | None = None, profile: str = "quick
                  max_val: int | None = None, device: str = "cpu") -> Problem:
     """Build a problem of the zoo (or a plug-in ``module:function``)."""
     if ":" in name:
-        problem = load_plugin_problem(name)
+        problem = load_plugin_problem(name, batch_size=batch_size)
     else:
         if name not in PROBLEM_SPECS:
             raise choice_error("problem", name, PROBLEMS + ("module:function",))
@@ -428,9 +428,9 @@ def make_problem(name: str, *, dataset: str | None = None, profile: str = "quick
     return problem
 
 
-def load_plugin_problem(spec: str) -> Problem:
+def load_plugin_problem(spec: str, batch_size: int | None = None) -> Problem:
     """Import ``package.module:function`` and call it; it must return a Problem or an
-    ``(nn.Module, Dataset)`` pair."""
+    ``(nn.Module, Dataset)`` pair (built with ``batch_size``, default 128)."""
     mod_name, _, fn_name = spec.partition(":")
     if not mod_name or not fn_name:
         raise OptamalError(f"invalid plug-in problem {spec!r}: expected 'package.module:function'")
@@ -447,7 +447,7 @@ def load_plugin_problem(spec: str) -> Problem:
     except Exception as exc:  # noqa: BLE001
         raise OptamalError(f"plug-in problem {spec!r} failed: {type(exc).__name__}: {exc}") from None
     if isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], nn.Module) and isinstance(out[1], Dataset):
-        out = Problem(spec, out[0], out[1])
+        out = Problem(spec, out[0], out[1], batch_size or 128)
     if not isinstance(out, Problem):
         raise OptamalError(f"plug-in problem {spec!r} returned {type(out).__name__}; "
                            "expected optamal.problems.Problem or (nn.Module, Dataset)")
