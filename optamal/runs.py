@@ -94,8 +94,9 @@ def safe_torch_load(path: str | os.PathLike, what: str = "file") -> Any:
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
         raise OptamalError(f"refusing to load {what} {path}: it holds more than tensors ({first})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:  # noqa: BLE001 - a corrupt file fails in many ways (KeyError, ...)
+        known = isinstance(exc, (RuntimeError, EOFError, OSError, ValueError))
+        first = str(exc).strip().splitlines()[0] if known and str(exc).strip() else "not a tensor file"
         raise OptamalError(f"cannot read {what} {path}: {first}") from None
 
 
@@ -196,6 +197,8 @@ class Run:
         manifest = read_json(path / "manifest.json", "manifest")
         if not isinstance(manifest, dict) or "command" not in manifest:
             raise OptamalError(f"malformed manifest {path / 'manifest.json'}: no 'command' field")
+        if not isinstance(manifest.get("config", {}), dict):
+            raise OptamalError(f"malformed manifest {path / 'manifest.json'}: 'config' is not a mapping")
         ver = manifest.get("schema_version")
         if not isinstance(ver, int) or ver > SCHEMA_VERSION:
             raise OptamalError(
