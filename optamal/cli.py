@@ -84,6 +84,87 @@ def tune_lr_cmd(
     print(run.path)
 
 
+# Options shared by the meta-training commands -----------------------------------------
+Pool = Annotated[str, typer.Option("--pool", help="Teacher pool: small | large.")]
+ProblemOpt = Annotated[str, typer.Option("--problem", help="Problem to meta-train on.")]
+DatasetOpt = Annotated[Optional[str], typer.Option("--dataset", help="Dataset override (or native).")]
+Lrs = Annotated[Optional[str], typer.Option(
+    "--lrs", help="Teacher rates: a tune-lr run folder or lrs.json, or 'paper' (default: latest tune-lr run).")]
+TeachersOpt = Annotated[Optional[str], typer.Option("--teachers", help="Subset of the pool, comma-separated.")]
+Unrolls = Annotated[Optional[str], typer.Option("--unrolls", help="Curriculum unroll lengths, comma-separated.")]
+Truncation = Annotated[Optional[int], typer.Option("--truncation", help="Truncation length (steps per meta-gradient).")]
+Alphas = Annotated[Optional[str], typer.Option("--alphas", help="Distillation weight per stage, comma-separated.")]
+MetaBatch = Annotated[Optional[int], typer.Option("--meta-batch", help="Trajectories per meta-iteration.")]
+MetaGradient = Annotated[Optional[str], typer.Option("--meta-gradient", help="full | first-order.")]
+Replicates = Annotated[Optional[int], typer.Option("--replicates", help="Independently seeded replicates.")]
+
+
+def _meta_overrides(pool, problem, dataset, lrs, teachers, unrolls, truncation, alphas,
+                    meta_batch, meta_gradient, replicates) -> dict:
+    from optamal.config import parse_float_list, parse_name_list
+
+    ints = parse_float_list(unrolls, "--unrolls")
+    if ints is not None and any(u != int(u) for u in ints):
+        raise OptamalError(f"--unrolls must be whole numbers, got {unrolls!r}")
+    return dict(pool=pool, problem=problem, dataset=dataset, lrs=lrs,
+                teachers=parse_name_list(teachers),
+                unrolls=tuple(int(u) for u in ints) if ints is not None else None,
+                truncation=truncation, alphas=parse_float_list(alphas, "--alphas"),
+                meta_batch=meta_batch, meta_gradient=meta_gradient, replicates=replicates)
+
+
+@app.command("train-choice")
+def train_choice_cmd(
+    pool: Pool = "large", problem: ProblemOpt = "train", dataset: DatasetOpt = None, lrs: Lrs = None,
+    teachers: TeachersOpt = None, unrolls: Unrolls = None, truncation: Truncation = None,
+    alphas: Alphas = None, meta_batch: MetaBatch = None, meta_gradient: MetaGradient = None,
+    replicates: Replicates = None,
+    profile: Profile = "quick", seed: Seed = 0, device: Device = "cpu", runs_dir: RunsDir = "runs",
+    name: Name = None, data_root: DataRoot = None, download: Download = False, set_: Sets = None,
+) -> None:
+    """Train the choice optimizer (an LSTM mixing the teachers' updates) on meta loss."""
+    from optamal.config import ChoiceConfig
+
+    cfg = ChoiceConfig.build(profile, dict(
+        **_meta_overrides(pool, problem, dataset, lrs, teachers, unrolls, truncation, alphas,
+                          meta_batch, meta_gradient, replicates),
+        **_common(profile, seed, device, runs_dir, name, data_root, download)), set_)
+    from optamal.commands.train_choice import train_choice
+
+    print(train_choice(cfg).path)
+
+
+@app.command("distill")
+def distill_cmd(
+    scheme: Annotated[str, typer.Option("--scheme", help="mean | minmax | choice | none.")] = "choice",
+    perturb: Annotated[str, typer.Option("--perturb", help="none | random | adv | input.")] = "none",
+    magnitude: Annotated[Optional[float], typer.Option(
+        "--magnitude", help="Perturbation magnitude (default: random 1e-3, adv 1e-4, input 1e-2).")] = None,
+    adv_steps: Annotated[Optional[int], typer.Option("--adv-steps", help="PGD steps for --perturb adv.")] = None,
+    choice: Annotated[Optional[str], typer.Option(
+        "--choice", help="Choice optimizer (train-choice run or policy.pt); default: latest for the pool.")] = None,
+    policy: Annotated[str, typer.Option("--policy", help="Student architecture: rnnprop.")] = "rnnprop",
+    pool: Pool = "small", problem: ProblemOpt = "train", dataset: DatasetOpt = None, lrs: Lrs = None,
+    teachers: TeachersOpt = None, unrolls: Unrolls = None, truncation: Truncation = None,
+    alphas: Alphas = None, meta_batch: MetaBatch = None, meta_gradient: MetaGradient = None,
+    replicates: Replicates = None,
+    profile: Profile = "quick", seed: Seed = 0, device: Device = "cpu", runs_dir: RunsDir = "runs",
+    name: Name = None, data_root: DataRoot = None, download: Download = False, set_: Sets = None,
+) -> None:
+    """Meta-train RNNProp students by truncated BPTT on meta loss + distillation loss."""
+    from optamal.config import DistillConfig
+
+    cfg = DistillConfig.build(profile, dict(
+        scheme=scheme, perturb=perturb, magnitude=magnitude, adv_steps=adv_steps, choice=choice,
+        policy=policy,
+        **_meta_overrides(pool, problem, dataset, lrs, teachers, unrolls, truncation, alphas,
+                          meta_batch, meta_gradient, replicates),
+        **_common(profile, seed, device, runs_dir, name, data_root, download)), set_)
+    from optamal.commands.distill import distill
+
+    print(distill(cfg).path)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user errors into one line and exit code 2."""
     try:

@@ -220,3 +220,121 @@ __all__ = [
     "Config", "ProblemSizing", "TuneLRConfig", "PROFILES", "DEVICES", "POOLS", "LR_GRID",
     "resolve_device", "parse_float_list", "parse_name_list", "field",
 ]
+
+
+META_GRADIENTS = ("full", "first-order")
+
+
+@dataclass
+class MetaConfig(ProblemSizing):
+    """Fields shared by ``train-choice`` and ``distill`` (METHOD §5–§6)."""
+
+    PROFILE_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {
+        "smoke": dict(unrolls=(20,), truncation=10, alphas=(0.2,), max_train=512, max_val=256,
+                      warmup_steps=10, validate_every=2, val_trajectories=1, val_unroll=20,
+                      min_validations=1, patience=1, max_validations=2, replicates=1,
+                      meta_gradient="first-order"),
+        "quick": dict(unrolls=(50, 100), truncation=50, alphas=(0.2, 0.1), validate_every=4,
+                      val_trajectories=1, val_unroll=100, min_validations=2, patience=2,
+                      max_validations=3, replicates=1, meta_gradient="first-order",
+                      max_val=500),
+        "paper": dict(dataset="native", meta_batch=4, replicates=8),
+    }
+
+    pool: str = "small"
+    teachers: tuple[str, ...] = ()       # a subset of the pool (e.g. one teacher)
+    lrs: str | None = None               # tune-lr run folder / lrs.json, or "paper"; None: latest
+    problem: str = "train"
+    unrolls: tuple[int, ...] = (100, 200, 500, 1000)
+    truncation: int = 100
+    alphas: tuple[float, ...] = (0.2, 0.1, 0.05, 0.02)
+    meta_batch: int = 1
+    meta_lr: float = 1e-3
+    clip_ratio: float = 0.1
+    meta_gradient: str = "full"
+    validate_every: int = 40
+    val_trajectories: int = 2
+    val_unroll: int = 200
+    min_validations: int = 5
+    patience: int = 5
+    max_validations: int = 20
+    random_scaling: bool = True
+    max_bad_steps: int = 5
+    replicates: int = 1
+
+    def validate(self) -> None:
+        super().validate()
+        from optamal.rules.teachers import TEACHERS
+
+        if self.pool not in POOLS:
+            raise choice_error("pool", self.pool, POOLS)
+        for t in self.teachers:
+            if t not in TEACHERS:
+                raise choice_error("teacher", t, TEACHERS)
+        if self.meta_gradient not in META_GRADIENTS:
+            raise choice_error("meta-gradient", self.meta_gradient, META_GRADIENTS)
+        self._positive("truncation", "meta_batch", "meta_lr", "clip_ratio", "validate_every",
+                       "val_trajectories", "val_unroll", "min_validations", "patience",
+                       "max_validations", "max_bad_steps", "replicates")
+        if not self.unrolls:
+            raise OptamalError("--unrolls must name at least one unroll length")
+        for u in self.unrolls:
+            if u <= 0:
+                raise OptamalError(f"unroll lengths must be > 0, got {u}")
+            if u % self.truncation:
+                raise OptamalError(f"unroll {u} is not divisible by truncation {self.truncation}: "
+                                   "make every unroll a multiple of --truncation")
+        if len(self.alphas) < len(self.unrolls):
+            raise OptamalError(f"--alphas gives {len(self.alphas)} value(s) for "
+                               f"{len(self.unrolls)} curriculum stage(s): give one per stage")
+        if self.max_validations < self.min_validations:
+            raise OptamalError("max-validations must be ≥ min-validations")
+
+
+@dataclass
+class ChoiceConfig(MetaConfig):
+    """`optamal train-choice`: the choice optimizer, trained on meta loss alone (METHOD §4)."""
+
+    PROFILE_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = MetaConfig.PROFILE_OVERRIDES
+    pool: str = "large"
+
+
+PERTURBATIONS = ("none", "random", "adv", "input")
+SCHEMES = ("mean", "minmax", "choice", "none")
+POLICIES = ("rnnprop",)
+
+
+@dataclass
+class DistillConfig(MetaConfig):
+    """`optamal distill`: meta-train RNNProp students (METHOD §3, §5, §6)."""
+
+    PROFILE_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = MetaConfig.PROFILE_OVERRIDES
+    scheme: str = "choice"
+    policy: str = "rnnprop"
+    choice: str | None = None            # train-choice run folder or policy.pt; None: latest
+    perturb: str = "none"
+    magnitude: float | None = None       # None: the perturbation's default
+    adv_steps: int = 1
+
+    def validate(self) -> None:
+        super().validate()
+        if self.scheme not in SCHEMES:
+            raise choice_error("scheme", self.scheme, SCHEMES)
+        if self.policy not in POLICIES:
+            raise choice_error("policy", self.policy, POLICIES)
+        if self.perturb not in PERTURBATIONS:
+            raise choice_error("perturbation", self.perturb, PERTURBATIONS)
+        if self.magnitude is not None and not (self.magnitude > 0 and math.isfinite(self.magnitude)):
+            raise OptamalError(f"--magnitude must be > 0, got {self.magnitude}")
+        self._positive("adv_steps")
+        if self.scheme == "choice" and self.teachers:
+            raise OptamalError("--teachers selects distillation targets for --scheme mean|minmax; "
+                               "--scheme choice distils the trained choice optimizer")
+
+    @property
+    def resolved_magnitude(self) -> float:
+        from optamal.meta.perturb import DEFAULT_MAGNITUDE
+
+        if self.perturb == "none":
+            return 0.0
+        return self.magnitude if self.magnitude is not None else DEFAULT_MAGNITUDE[self.perturb]

@@ -150,7 +150,7 @@ def tune_lr(cfg: TuneLRConfig) -> Run:
     cfg_d = cfg.to_dict()
     problem = _problem_from_cfg(cfg_d, device)   # validates problem and data before any run
     points = [(t, lr, r) for r in range(cfg.repeats) for t in teachers for lr in cfg.grid]
-    workers = cfg.workers or (os.cpu_count() or 1)
+    workers = cfg.workers or _auto_workers(len(points) * cfg.epochs)
     workers = max(1, min(workers, len(points)))
     if device == "cuda":
         workers = 1
@@ -202,6 +202,15 @@ def tune_lr(cfg: TuneLRConfig) -> Run:
             raise OptamalError(f"every rate diverged for {', '.join(missing)}: widen --grid "
                                f"(results kept in {run.path})")
     return run
+
+
+def _auto_workers(point_epochs: int) -> int:
+    """One worker per core once the grid is long enough to repay the workers' start-up
+    (spawning a process and importing torch: ~3 s each). Measured on 2 cores: one step of
+    the train problem takes 31 ms with 2 threads and 47 ms with 1, so two 1-thread workers
+    give ~1.3× the throughput of one 2-thread process on long grids, and lose on tiny ones."""
+    cores = os.cpu_count() or 1
+    return cores if point_epochs >= 16 * cores else 1
 
 
 def _frame(rows):

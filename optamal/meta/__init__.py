@@ -1,0 +1,1 @@
+"""Meta-training: losses, perturbations, the truncated-BPTT trainer."""
