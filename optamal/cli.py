@@ -165,6 +165,34 @@ def distill_cmd(
     print(distill(cfg).path)
 
 
+@app.command("evaluate")
+def evaluate_cmd(
+    runs: Annotated[Optional[list[str]], typer.Argument(
+        help="Learned runs to evaluate: distill/train-choice run folders, replicate folders, policy files or globs.")] = None,
+    problems: Annotated[Optional[str], typer.Option(
+        "--problems", help="Comma-separated problems (default: every problem whose data are present).")] = None,
+    teachers: Annotated[str, typer.Option("--teachers", help="auto | none | comma-separated teachers.")] = "auto",
+    lrs: Lrs = None,
+    repeats: Annotated[Optional[int], typer.Option("--repeats", help="Evaluations per (optimizer, problem).")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Epochs per evaluation.")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Worker processes (0: one per core).")] = None,
+    resume: Annotated[Optional[str], typer.Option("--resume", help="Complete an interrupted evaluate run folder.")] = None,
+    dataset: DatasetOpt = None,
+    profile: Profile = "quick", seed: Seed = 0, device: Device = "cpu", runs_dir: RunsDir = "runs",
+    name: Name = None, data_root: DataRoot = None, download: Download = False, set_: Sets = None,
+) -> None:
+    """Train problems with the learned optimizers, the teachers and baselines; log per epoch."""
+    from optamal.config import EvaluateConfig, parse_name_list
+
+    cfg = EvaluateConfig.build(profile, dict(
+        runs=tuple(runs or ()), problems=parse_name_list(problems), teachers=teachers, lrs=lrs,
+        repeats=repeats, epochs=epochs, workers=workers, resume=resume, dataset=dataset,
+        **_common(profile, seed, device, runs_dir, name, data_root, download)), set_)
+    from optamal.commands.evaluate import evaluate
+
+    print(evaluate(cfg).path)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user errors into one line and exit code 2."""
     try:

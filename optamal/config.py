@@ -338,3 +338,38 @@ class DistillConfig(MetaConfig):
         if self.perturb == "none":
             return 0.0
         return self.magnitude if self.magnitude is not None else DEFAULT_MAGNITUDE[self.perturb]
+
+
+@dataclass
+class EvaluateConfig(ProblemSizing):
+    """`optamal evaluate`: train many problems with learned and analytical optimizers (§9)."""
+
+    PROFILE_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {
+        "smoke": dict(epochs=1, repeats=2, max_train=512, max_val=256, warmup_steps=10),
+        "quick": dict(epochs=3, repeats=3),
+        "paper": dict(epochs=25, repeats=10, dataset="native"),
+    }
+
+    runs: tuple[str, ...] = ()            # learned runs / replicate folders / policy files / globs
+    problems: tuple[str, ...] = ()        # empty: every problem whose data are present
+    teachers: str = "auto"                # auto | none | comma-separated names
+    lrs: str | None = None                # tune-lr run / lrs.json / "paper"; None: from the runs
+    epochs: int = 25
+    repeats: int = 10
+    workers: int = 0                      # 0: one per core when it pays
+    resume: str | None = None             # an interrupted evaluate run folder to complete
+
+    def validate(self) -> None:
+        super().validate()
+        from optamal.problems import PROBLEMS
+        from optamal.rules.teachers import TEACHERS
+
+        self._positive("epochs", "repeats")
+        self._positive("workers", allow_zero=True)
+        for p in self.problems:
+            if p not in PROBLEMS and ":" not in p:
+                raise choice_error("problem", p, PROBLEMS)
+        if self.teachers not in ("auto", "none"):
+            for t in self.teachers.split(","):
+                if t.strip() not in TEACHERS:
+                    raise choice_error("teacher", t.strip(), ("auto", "none") + TEACHERS)
