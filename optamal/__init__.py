@@ -9,4 +9,17 @@ that need it, so ``optamal --help`` answers instantly.
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "AmalgamatedOptimizer", "load_policy"]
+
+
+def __getattr__(name: str):
+    # Lazy: importing optamal must not import torch (the CLI starts instantly).
+    if name == "AmalgamatedOptimizer":
+        from optamal.optim import AmalgamatedOptimizer
+
+        return AmalgamatedOptimizer
+    if name == "load_policy":
+        from optamal.policies import load_policy
+
+        return load_policy
+    raise AttributeError(f"module 'optamal' has no attribute {name!r}")

@@ -1,0 +1,20 @@
+"""The pretrained amalgamated policy shipped with the package (when present).
+
+``AmalgamatedOptimizer(params)`` without a ``policy`` loads ``default.pt`` from this
+folder. Its provenance (commands, seeds, wall time) is recorded in README.md here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from optamal.errors import OptamalError
+
+DEFAULT_POLICY = Path(__file__).with_name("default.pt")
+
+
+def default_policy_path() -> Path:
+    if not DEFAULT_POLICY.is_file():
+        raise OptamalError("this optamal build ships no pretrained policy; pass "
+                           "policy='runs/distill/<run>/replicate-0/policy.pt'")
+    return DEFAULT_POLICY
