@@ -143,7 +143,7 @@ def distill_cmd(
     adv_steps: Annotated[Optional[int], typer.Option("--adv-steps", help="PGD steps for --perturb adv.")] = None,
     choice: Annotated[Optional[str], typer.Option(
         "--choice", help="Choice optimizer (train-choice run or policy.pt); default: latest for the pool.")] = None,
-    policy: Annotated[str, typer.Option("--policy", help="Student architecture: rnnprop.")] = "rnnprop",
+    policy: Annotated[str, typer.Option("--policy", help="Student architecture: rnnprop | dm | scale.")] = "rnnprop",
     pool: Pool = "small", problem: ProblemOpt = "train", dataset: DatasetOpt = None, lrs: Lrs = None,
     teachers: TeachersOpt = None, unrolls: Unrolls = None, truncation: Truncation = None,
     alphas: Alphas = None, meta_batch: MetaBatch = None, meta_gradient: MetaGradient = None,

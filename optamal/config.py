@@ -301,7 +301,7 @@ class ChoiceConfig(MetaConfig):
 
 PERTURBATIONS = ("none", "random", "adv", "input")
 SCHEMES = ("mean", "minmax", "choice", "none")
-POLICIES = ("rnnprop",)
+POLICIES = ("rnnprop", "dm", "scale")
 
 
 @dataclass

@@ -15,9 +15,10 @@ import torch
 from optamal.errors import OptamalError
 from optamal.rules.choice import Choice, ChoiceNet
 from optamal.rules.lstm import load_into, read_policy
+from optamal.rules.baselines import DM, DMNet, Scale, ScaleNet
 from optamal.rules.rnnprop import RNNProp, RNNPropNet
 
-KINDS = ("rnnprop", "choice")
+KINDS = ("rnnprop", "dm", "scale", "choice")
 
 
 def build_net(header: dict[str, Any]) -> torch.nn.Module:
@@ -25,17 +26,36 @@ def build_net(header: dict[str, Any]) -> torch.nn.Module:
     hidden = int(header.get("hidden", 20))
     if kind == "rnnprop":
         return RNNPropNet(hidden)
+    if kind == "dm":
+        return DMNet(hidden)
+    if kind == "scale":
+        return ScaleNet(timescales=int(header.get("timescales", 3)))
     if kind == "choice":
         return ChoiceNet(len(header["teachers"]), hidden)
     raise OptamalError(f"unknown policy kind {kind!r}; accepted: {', '.join(KINDS)}")
 
 
-def make_rule(net: torch.nn.Module, header: dict[str, Any], tensor_ndim: torch.Tensor | None,
+def make_rule(net: torch.nn.Module, header: dict[str, Any], layout=None,
               params=None, input_noise: float = 0.0, generator=None):
-    if header["kind"] == "rnnprop":
+    """The rule of ``header['kind']`` around ``net``. ``layout`` is the problem's
+    ``(tensor_index, tensor_ndim)`` pair (``problem.layout``; a bare ``tensor_ndim`` tensor
+    is accepted for the choice optimizer): the choice optimizer needs the ndims, Scale the
+    tensor index; RNNProp and DM need neither."""
+    kind = header["kind"]
+    if kind == "rnnprop":
         return RNNProp(net, params, input_noise, generator)
-    if tensor_ndim is None:
-        raise OptamalError("a choice optimizer needs the problem's tensor layout")
+    if kind == "dm":
+        return DM(net, params, input_noise, generator)
+    if layout is None:
+        raise OptamalError(f"a {kind} policy needs the problem's tensor layout")
+    if isinstance(layout, torch.Tensor):
+        if kind == "scale":
+            raise OptamalError("a scale policy needs the (tensor_index, tensor_ndim) layout")
+        tensor_index, tensor_ndim = None, layout
+    else:
+        tensor_index, tensor_ndim = layout
+    if kind == "scale":
+        return Scale(net, tensor_index, params, input_noise, generator)
     return Choice(net, header["teachers"], header["lrs"], tensor_ndim, params)
 
 
@@ -50,9 +70,10 @@ def load_policy(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     return net, header
 
 
-def load_rule(path: str | Path, tensor_ndim: torch.Tensor | None = None):
+def load_rule(path: str | Path, layout=None):
+    """(rule, header) of a policy file; ``layout`` is ``problem.layout``."""
     net, header = load_policy(path)
-    return make_rule(net, header, tensor_ndim), header
+    return make_rule(net, header, layout), header
 
 
 def policy_path(path: str | Path) -> Path:

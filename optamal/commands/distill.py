@@ -35,7 +35,7 @@ def resolve_choice(cfg: DistillConfig) -> tuple[Path, dict]:
 
 def distill(cfg: DistillConfig) -> Run:
     from optamal.policies import load_policy, make_rule
-    from optamal.rules.rnnprop import RNNPropNet
+    from optamal.policies import build_net
     from optamal.rules.teachers import Teacher, pool_members
 
     device = device_for(cfg)
@@ -55,12 +55,12 @@ def distill(cfg: DistillConfig) -> Run:
         cnet, cheader = load_policy(path)
         if cheader.get("kind") != "choice":
             raise OptamalError(f"{path} is a {cheader.get('kind')} policy, not a choice optimizer")
-        teachers = [make_rule(cnet, cheader, problem.tensor_ndim)]
+        teachers = [make_rule(cnet, cheader, problem.layout)]
         teacher_desc = {"teachers": ["choice"], "choice_teachers": cheader["teachers"],
                         "choice_lrs": cheader["lrs"]}
     magnitude = cfg.resolved_magnitude
     settings = settings_for(cfg, cfg.scheme, cfg.perturb, magnitude, cfg.adv_steps)
-    header = {"kind": "rnnprop", "hidden": 20, "output_scale": 0.1, "scheme": cfg.scheme,
+    header = {"kind": cfg.policy, "hidden": 20, "scheme": cfg.scheme,
               "pool": cfg.pool, "perturb": cfg.perturb, "magnitude": magnitude,
               "problem": problem.name, "dataset": problem.dataset.name,
               "meta_gradient": cfg.meta_gradient, **teacher_desc}
@@ -69,13 +69,13 @@ def distill(cfg: DistillConfig) -> Run:
                                            "problem": problem.describe(), "scheme": cfg.scheme,
                                            "perturb": cfg.perturb, "magnitude": magnitude,
                                            **teacher_desc})
-    console.print(f"distill: scheme {cfg.scheme}, pool {cfg.pool}, perturb {cfg.perturb}"
+    console.print(f"distill: {cfg.policy} student, scheme {cfg.scheme}, pool {cfg.pool}, perturb {cfg.perturb}"
                   f"{f' ({magnitude:g})' if magnitude else ''} on {problem.name}/{problem.dataset.name}, "
                   f"{cfg.replicates} replicate(s) → {run.path}")
 
     def build(seed):
-        net = RNNPropNet().to(device)
-        factory = lambda params, noise, gen: make_rule(net, header, None, params, noise, gen)
+        net = build_net(header).to(device)
+        factory = lambda params, noise, gen: make_rule(net, header, problem.layout, params, noise, gen)
         return net, factory, teachers, header
 
     with run.track():

@@ -39,7 +39,7 @@ def optimizer_label(header: dict[str, Any]) -> str:
         return f"choice-optimizer-{header.get('pool', '?')}"
     scheme = header.get("scheme", "none")
     if scheme == "none":
-        label = header.get("kind", "rnnprop")
+        label = header.get("kind", "rnnprop")   # rnnprop, dm (Original), scale
     elif scheme in ("mean", "minmax") and len(header.get("teachers", [])) == 1:
         label = f"{scheme}-{header['teachers'][0]}"
     else:
@@ -184,7 +184,7 @@ def _rule(entry: dict[str, Any], problem):
     if entry["policy"] not in _W["policies"]:
         _W["policies"][entry["policy"]] = load_policy(entry["policy"])
     net, header = _W["policies"][entry["policy"]]
-    return make_rule(net, header, problem.tensor_ndim)
+    return make_rule(net, header, problem.layout)
 
 
 def evaluation_seed(base: int, evaluation: int) -> int:

@@ -37,7 +37,7 @@ def train_choice(cfg: ChoiceConfig) -> Run:
 
     def build(seed):
         net = ChoiceNet(len(names)).to(device)
-        factory = lambda params, noise, gen: make_rule(net, header, problem.tensor_ndim, params)
+        factory = lambda params, noise, gen: make_rule(net, header, problem.layout, params)
         return net, factory, [], header
 
     with run.track():
