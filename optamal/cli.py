@@ -97,10 +97,12 @@ Alphas = Annotated[Optional[str], typer.Option("--alphas", help="Distillation we
 MetaBatch = Annotated[Optional[int], typer.Option("--meta-batch", help="Trajectories per meta-iteration.")]
 MetaGradient = Annotated[Optional[str], typer.Option("--meta-gradient", help="full | first-order.")]
 Replicates = Annotated[Optional[int], typer.Option("--replicates", help="Independently seeded replicates.")]
+ResumeOpt = Annotated[Optional[str], typer.Option(
+    "--resume", help="Continue an interrupted run folder from its checkpoints (other options are ignored).")]
 
 
 def _meta_overrides(pool, problem, dataset, lrs, teachers, unrolls, truncation, alphas,
-                    meta_batch, meta_gradient, replicates) -> dict:
+                    meta_batch, meta_gradient, replicates, resume=None) -> dict:
     from optamal.config import parse_float_list, parse_name_list
 
     ints = parse_float_list(unrolls, "--unrolls")
@@ -110,7 +112,8 @@ def _meta_overrides(pool, problem, dataset, lrs, teachers, unrolls, truncation, 
                 teachers=parse_name_list(teachers),
                 unrolls=tuple(int(u) for u in ints) if ints is not None else None,
                 truncation=truncation, alphas=parse_float_list(alphas, "--alphas"),
-                meta_batch=meta_batch, meta_gradient=meta_gradient, replicates=replicates)
+                meta_batch=meta_batch, meta_gradient=meta_gradient, replicates=replicates,
+                resume=resume)
 
 
 @app.command("train-choice")
@@ -118,7 +121,7 @@ def train_choice_cmd(
     pool: Pool = "large", problem: ProblemOpt = "train", dataset: DatasetOpt = None, lrs: Lrs = None,
     teachers: TeachersOpt = None, unrolls: Unrolls = None, truncation: Truncation = None,
     alphas: Alphas = None, meta_batch: MetaBatch = None, meta_gradient: MetaGradient = None,
-    replicates: Replicates = None,
+    replicates: Replicates = None, resume: ResumeOpt = None,
     profile: Profile = "quick", seed: Seed = 0, device: Device = "cpu", runs_dir: RunsDir = "runs",
     name: Name = None, data_root: DataRoot = None, download: Download = False, set_: Sets = None,
 ) -> None:
@@ -127,7 +130,7 @@ def train_choice_cmd(
 
     cfg = ChoiceConfig.build(profile, dict(
         **_meta_overrides(pool, problem, dataset, lrs, teachers, unrolls, truncation, alphas,
-                          meta_batch, meta_gradient, replicates),
+                          meta_batch, meta_gradient, replicates, resume),
         **_common(profile, seed, device, runs_dir, name, data_root, download)), set_)
     from optamal.commands.train_choice import train_choice
 
@@ -147,7 +150,7 @@ def distill_cmd(
     pool: Pool = "small", problem: ProblemOpt = "train", dataset: DatasetOpt = None, lrs: Lrs = None,
     teachers: TeachersOpt = None, unrolls: Unrolls = None, truncation: Truncation = None,
     alphas: Alphas = None, meta_batch: MetaBatch = None, meta_gradient: MetaGradient = None,
-    replicates: Replicates = None,
+    replicates: Replicates = None, resume: ResumeOpt = None,
     profile: Profile = "quick", seed: Seed = 0, device: Device = "cpu", runs_dir: RunsDir = "runs",
     name: Name = None, data_root: DataRoot = None, download: Download = False, set_: Sets = None,
 ) -> None:
@@ -158,7 +161,7 @@ def distill_cmd(
         scheme=scheme, perturb=perturb, magnitude=magnitude, adv_steps=adv_steps, choice=choice,
         policy=policy,
         **_meta_overrides(pool, problem, dataset, lrs, teachers, unrolls, truncation, alphas,
-                          meta_batch, meta_gradient, replicates),
+                          meta_batch, meta_gradient, replicates, resume),
         **_common(profile, seed, device, runs_dir, name, data_root, download)), set_)
     from optamal.commands.distill import distill
 
@@ -191,6 +194,63 @@ def evaluate_cmd(
     from optamal.commands.evaluate import evaluate
 
     print(evaluate(cfg).path)
+
+
+@app.command("report")
+def report_cmd(
+    source: Annotated[str, typer.Argument(help="Folder searched (any depth) for run directories.")] = "runs",
+    out: Annotated[Optional[str], typer.Option(
+        "--out", help="Output folder (default: SOURCE/report/<timestamp>).")] = None,
+    reference: Annotated[Optional[str], typer.Option(
+        "--reference", help="Optimizer Fig. 1 is drawn relative to (default choice-large).")] = None,
+    formats: Annotated[Optional[str], typer.Option(
+        "--formats", help="Figure formats, comma-separated (png required; default png,pdf).")] = None,
+    profile: Profile = "quick", seed: Seed = 0, set_: Sets = None,
+) -> None:
+    """Statistics (mixed effects, stability), the paper's figures and tables from run folders."""
+    from optamal.config import parse_name_list
+    from optamal.report_config import ReportConfig
+
+    cfg = ReportConfig.build(profile, dict(source=source, out=out, reference=reference,
+                                           formats=parse_name_list(formats), seed=seed), set_)
+    from optamal.commands.report import report
+
+    print(report(cfg).path / "report.md")
+
+
+@app.command("pipeline")
+def pipeline_cmd(
+    sweep: Annotated[str, typer.Option(
+        "--sweep", help="main: choice + RNNProp baseline; full: also every run Figs. 1 and 6 need.")] = "main",
+    pool: Pool = "large",
+    lrs: Lrs = None,
+    problems: Annotated[Optional[str], typer.Option(
+        "--problems", help="Evaluation problems, comma-separated (default: the profile's).")] = None,
+    replicates: Replicates = None,
+    repeats: Annotated[Optional[int], typer.Option("--repeats", help="Evaluations per (optimizer, problem).")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Epochs per evaluation.")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Worker processes (0: auto).")] = None,
+    step_set: Annotated[Optional[list[str]], typer.Option(
+        "--step-set", help="Override a step's config: STEP.field=value, STEP in tune-lr, "
+                           "train-choice, distill, evaluate (repeatable).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and run nothing.")] = False,
+    profile: Profile = "quick", seed: Seed = 0, device: Device = "cpu", runs_dir: RunsDir = "runs",
+    name: Annotated[Optional[str], typer.Option(
+        "--name", help="Pipeline folder name (default: the profile, so a re-run resumes).")] = None,
+    data_root: DataRoot = None, download: Download = False, set_: Sets = None,
+) -> None:
+    """tune-lr → train-choice → distill → evaluate → report in one resumable folder tree."""
+    from optamal.config import parse_name_list
+    from optamal.report_config import PipelineConfig
+
+    cfg = PipelineConfig.build(profile, dict(
+        sweep=sweep, pool=pool, lrs=lrs, problems=parse_name_list(problems),
+        replicates=replicates, repeats=repeats, epochs=epochs, workers=workers,
+        step_sets=tuple(step_set or ()), dry_run=dry_run or None,
+        **_common(profile, seed, device, runs_dir, name, data_root, download)), set_)
+    from optamal.commands.pipeline import pipeline
+
+    pipeline(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:

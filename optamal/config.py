@@ -261,6 +261,7 @@ class MetaConfig(ProblemSizing):
     random_scaling: bool = True
     max_bad_steps: int = 5
     replicates: int = 1
+    resume: str | None = None            # an interrupted run folder to continue
 
     def validate(self) -> None:
         super().validate()

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from optamal.commands.meta_common import (device_for, problem_for, resolve_lrs, settings_for,
-                                          train_replicates)
+from optamal.commands.meta_common import (device_for, problem_for, resolve_lrs, resumed_config,
+                                          settings_for, train_replicates)
 from optamal.config import DistillConfig
 from optamal.console import console
 from optamal.errors import OptamalError
@@ -38,6 +38,9 @@ def distill(cfg: DistillConfig) -> Run:
     from optamal.policies import build_net
     from optamal.rules.teachers import Teacher, pool_members
 
+    resumed = None
+    if cfg.resume:
+        cfg, resumed = resumed_config(DistillConfig, cfg.resume, "distill")
     device = device_for(cfg)
     problem = problem_for(cfg, device)
     prerequisites: dict = {}
@@ -64,11 +67,10 @@ def distill(cfg: DistillConfig) -> Run:
               "pool": cfg.pool, "perturb": cfg.perturb, "magnitude": magnitude,
               "problem": problem.name, "dataset": problem.dataset.name,
               "meta_gradient": cfg.meta_gradient, **teacher_desc}
-    run = Run.create(cfg.runs_dir, "distill", cfg.to_dict(), name=cfg.name, seed=cfg.seed,
-                     device=device, extra={"prerequisites": prerequisites,
-                                           "problem": problem.describe(), "scheme": cfg.scheme,
-                                           "perturb": cfg.perturb, "magnitude": magnitude,
-                                           **teacher_desc})
+    run = resumed or Run.create(
+        cfg.runs_dir, "distill", cfg.to_dict(), name=cfg.name, seed=cfg.seed, device=device,
+        extra={"prerequisites": prerequisites, "problem": problem.describe(), "scheme": cfg.scheme,
+               "perturb": cfg.perturb, "magnitude": magnitude, **teacher_desc})
     console.print(f"distill: {cfg.policy} student, scheme {cfg.scheme}, pool {cfg.pool}, perturb {cfg.perturb}"
                   f"{f' ({magnitude:g})' if magnitude else ''} on {problem.name}/{problem.dataset.name}, "
                   f"{cfg.replicates} replicate(s) → {run.path}")
@@ -79,5 +81,6 @@ def distill(cfg: DistillConfig) -> Run:
         return net, factory, teachers, header
 
     with run.track():
-        train_replicates(run, cfg, problem, settings, build, f"distill[{cfg.scheme}]")
+        train_replicates(run, cfg, problem, settings, build, f"distill[{cfg.scheme}]",
+                         resume=resumed is not None)
     return run

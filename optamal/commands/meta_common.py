@@ -9,6 +9,7 @@ best-validation weights, ``meta.csv`` (one row per truncation), ``validation.csv
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -85,14 +86,16 @@ def replicate_seed(base: int, replicate: int) -> int:
 
 def train_replicates(run: Run, cfg: MetaConfig, problem, settings: MetaSettings,
                      build: Callable[[int], tuple[torch.nn.Module, Callable, list, dict[str, Any]]],
-                     label: str) -> dict[str, Any]:
+                     label: str, resume: bool = False) -> dict[str, Any]:
     """Train ``cfg.replicates`` independently seeded learned rules into ``run``.
 
     ``build(seed)`` returns (net, rule factory, teachers, policy header)."""
     upper = sum(cfg.max_validations * cfg.validate_every for _ in settings.unrolls)
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = dict(run.manifest.get("replicates") or {}) if resume else {}
     with progress() as bar:
         for rep in range(cfg.replicates):
+            if results.get(str(rep), {}).get("status") in ("completed", "diverged"):
+                continue   # finished before the interruption
             seed = replicate_seed(cfg.seed, rep)
             torch.manual_seed(seed)
             net, make_rule, teachers, header = build(seed)
@@ -100,7 +103,7 @@ def train_replicates(run: Run, cfg: MetaConfig, problem, settings: MetaSettings,
             out.mkdir(exist_ok=True)
             task = bar.add_task(f"{label} replicate {rep + 1}/{cfg.replicates}", total=upper, status="")
             status = _curriculum(out, problem, net, make_rule, teachers, settings, seed,
-                                 dict(header, replicate=rep, seed=seed), bar, task)
+                                 dict(header, replicate=rep, seed=seed), bar, task, resume=resume)
             bar.update(task, completed=upper)
             results[str(rep)] = status
             run.update(replicates=results)
@@ -112,61 +115,126 @@ def train_replicates(run: Run, cfg: MetaConfig, problem, settings: MetaSettings,
     return results
 
 
+CHECKPOINT = "checkpoint.pt"
+PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
+
+
+def save_checkpoint(out: Path, payload: dict[str, Any]) -> None:
+    """Atomically write checkpoint.pt, keeping the one before as checkpoint.prev.pt."""
+    cur = out / CHECKPOINT
+    if cur.is_file():
+        os.replace(cur, out / PREVIOUS_CHECKPOINT)
+    atomic_torch_save(cur, payload)
+
+
+def load_checkpoint(out: Path) -> dict[str, Any] | None:
+    """The newest readable checkpoint of a replicate folder (a damaged checkpoint.pt falls
+    back to checkpoint.prev.pt with a warning), or None when there is none."""
+    from optamal.runs import safe_torch_load
+
+    for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
+        path = out / name
+        if not path.is_file():
+            continue
+        try:
+            ckpt = safe_torch_load(path, "checkpoint")
+        except OptamalError as exc:
+            warn(f"{exc}; trying the previous checkpoint")
+            continue
+        if isinstance(ckpt, dict) and ckpt.get("format") == "optamal-checkpoint":
+            return ckpt
+        warn(f"{path} is not an optamal checkpoint; trying the previous one")
+    return None
+
+
 def _curriculum(out: Path, problem, net, make_rule, teachers, s: MetaSettings, seed: int,
-                header: dict[str, Any], bar, task) -> dict[str, Any]:
+                header: dict[str, Any], bar, task, resume: bool = False) -> dict[str, Any]:
+    """The curriculum of one replicate, checkpointed after every meta-epoch and every
+    validation so that ``--resume`` continues it exactly (same weights, bit for bit)."""
+    import pandas as pd
+
+    trainer = MetaTrainer(problem, net, make_rule, teachers, s, seed)
+    pos = dict(stage=0, vals=0, since=0, stage_best=math.inf, cycle=0, best=math.inf, n_val=0,
+               elapsed=0.0, status="running", error=None)
     meta_rows: list[dict[str, Any]] = []
     val_rows: list[dict[str, Any]] = []
-    t_start = time.perf_counter()
-    trainer = MetaTrainer(problem, net, make_rule, teachers, s, seed)
-    best = math.inf
-    n_val = 0
-    status = "completed"
-    error = None
+    ckpt = load_checkpoint(out) if resume else None
+    if ckpt is not None:
+        net.load_state_dict(ckpt["net"])
+        trainer.opt.load_state_dict(ckpt["meta_optimizer"])
+        trainer.gen.set_state(ckpt["generator"])
+        trainer.meta_epoch = int(ckpt["meta_epoch"])
+        trainer.bad_in_row = int(ckpt["bad_in_row"])
+        trainer.divergence_events = int(ckpt["divergence_events"])
+        pos.update({k: ckpt["position"][k] for k in pos})
+        if (out / "meta.csv").is_file():
+            df = pd.read_csv(out / "meta.csv")
+            meta_rows = df[df.meta_epoch < trainer.meta_epoch].to_dict("records")
+        if (out / "validation.csv").is_file():
+            df = pd.read_csv(out / "validation.csv")
+            val_rows = df[df.validation <= pos["n_val"]].to_dict("records")
+        bar.update(task, completed=trainer.meta_epoch)
+    t_start = time.perf_counter() - pos["elapsed"]
+
+    def checkpoint() -> None:
+        pos["elapsed"] = time.perf_counter() - t_start
+        save_checkpoint(out, {
+            "format": "optamal-checkpoint", "net": net.state_dict(),
+            "meta_optimizer": trainer.opt.state_dict(), "generator": trainer.gen.get_state(),
+            "meta_epoch": trainer.meta_epoch, "bad_in_row": trainer.bad_in_row,
+            "divergence_events": trainer.divergence_events, "position": dict(pos)})
 
     def on_trunc(row: dict[str, Any]) -> None:
         bar.update(task, status=(f"stage {row['stage'] + 1}/{len(s.unrolls)} epoch {row['meta_epoch']} "
                                  f"meta {row['meta_loss']:+.3f} distill {row['distill_loss']:+.2f}"))
 
     try:
-        for stage, (unroll, alpha) in enumerate(zip(s.unrolls, s.alphas)):
-            stage_best, since, vals = math.inf, 0, 0
-            while True:
-                for _ in range(s.validate_every):
-                    meta_rows += trainer.meta_epoch_run(stage, unroll, alpha, on_trunc)
-                    bar.advance(task)
+        while pos["status"] == "running" and pos["stage"] < len(s.unrolls):
+            stage = pos["stage"]
+            unroll, alpha = s.unrolls[stage], s.alphas[stage]
+            if pos["cycle"] < s.validate_every:
+                meta_rows += trainer.meta_epoch_run(stage, unroll, alpha, on_trunc)
+                bar.advance(task)
+                pos["cycle"] += 1
                 atomic_write_csv(out / "meta.csv", _frame(meta_rows, META_COLUMNS))
-                v = trainer.validate()
-                vals += 1
-                n_val += 1
-                value = v["val_log_loss"]
-                is_best = math.isfinite(value) and value < best
-                if is_best:
-                    best = value
-                    save_policy(out / "policy.pt", net, dict(
-                        header, best_validation=value, meta_epoch=trainer.meta_epoch, stage=stage))
-                if math.isfinite(value) and value < stage_best:
-                    stage_best, since = value, 0
-                else:
-                    since += 1
-                val_rows.append(dict(stage=stage, meta_epoch=trainer.meta_epoch, validation=n_val,
-                                     val_log_loss=value, val_final_loss=v["val_final_loss"],
-                                     best=is_best, seconds=time.perf_counter() - t_start))
-                atomic_write_csv(out / "validation.csv", _frame(val_rows, VAL_COLUMNS))
-                atomic_torch_save(out / "checkpoint.pt", {
-                    "net": net.state_dict(), "meta_optimizer": trainer.opt.state_dict(),
-                    "stage": stage, "meta_epoch": trainer.meta_epoch, "validations": n_val,
-                    "best_validation": best, "divergence_events": trainer.divergence_events})
-                if vals >= s.max_validations or (vals >= s.min_validations and since >= s.patience):
-                    break
+                checkpoint()
+                continue
+            v = trainer.validate()
+            pos["vals"] += 1
+            pos["n_val"] += 1
+            pos["cycle"] = 0
+            value = v["val_log_loss"]
+            is_best = math.isfinite(value) and value < pos["best"]
+            if is_best:
+                pos["best"] = value
+                save_policy(out / "policy.pt", net, dict(
+                    header, best_validation=value, meta_epoch=trainer.meta_epoch, stage=stage))
+            if math.isfinite(value) and value < pos["stage_best"]:
+                pos["stage_best"], pos["since"] = value, 0
+            else:
+                pos["since"] += 1
+            val_rows.append(dict(stage=stage, meta_epoch=trainer.meta_epoch, validation=pos["n_val"],
+                                 val_log_loss=value, val_final_loss=v["val_final_loss"],
+                                 best=is_best, seconds=time.perf_counter() - t_start))
+            atomic_write_csv(out / "validation.csv", _frame(val_rows, VAL_COLUMNS))
+            if pos["vals"] >= s.max_validations or (pos["vals"] >= s.min_validations
+                                                     and pos["since"] >= s.patience):
+                pos.update(stage=stage + 1, vals=0, since=0, stage_best=math.inf)
+            if pos["stage"] >= len(s.unrolls):
+                pos["status"] = "completed"
+            checkpoint()
     except ReplicateDiverged as exc:
-        status, error = "diverged", str(exc)
+        pos.update(status="diverged", error=str(exc))
         warn(f"{out.name} diverged: {exc}; going on with the other replicates")
+        checkpoint()
     atomic_write_csv(out / "meta.csv", _frame(meta_rows, META_COLUMNS))
+    best = pos["best"]
+    status, error = pos["status"], pos["error"]
     if not math.isfinite(best):
         status = "diverged"
         error = error or "no finite validation loss"
     return {"status": status, "error": error, "best_validation": best if math.isfinite(best) else None,
-            "meta_epochs": trainer.meta_epoch, "validations": n_val,
+            "meta_epochs": trainer.meta_epoch, "validations": pos["n_val"],
             "divergence_events": trainer.divergence_events,
             "seconds": round(time.perf_counter() - t_start, 2)}
 
@@ -175,6 +243,32 @@ def _frame(rows, columns):
     import pandas as pd
 
     return pd.DataFrame(rows, columns=columns)
+
+
+def resumed_config(cls, path: str, command: str):
+    """(config, run) of an interrupted ``command`` run to continue: the stored config, with
+    its prerequisites pinned to the exact runs it used."""
+    import dataclasses
+    from datetime import datetime, timezone
+
+    run = Run.load(path)
+    if run.command != command:
+        raise OptamalError(f"--resume expects a {command} run folder, got a {run.command} run ({path})")
+    if run.status == "completed":
+        raise OptamalError(f"{path} already completed; nothing to resume")
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in run.config.items() if k in names}
+    pre = run.manifest.get("prerequisites") or {}
+    if pre.get("lrs"):
+        values["lrs"] = pre["lrs"]
+    if pre.get("choice_policy"):
+        values["choice"] = pre["choice_policy"]
+    values["resume"] = str(path)
+    cfg = cls(**values)
+    cfg.validate()
+    stamps = list(run.manifest.get("resumed") or []) + [datetime.now(timezone.utc).isoformat(timespec="seconds")]
+    run.update(status="running", error=None, resumed=stamps)
+    return cfg, run
 
 
 def device_for(cfg: MetaConfig) -> str:

@@ -7,8 +7,8 @@ rates), recorded in the policy header. The result is the single teacher of
 
 from __future__ import annotations
 
-from optamal.commands.meta_common import (device_for, problem_for, resolve_lrs, settings_for,
-                                          train_replicates)
+from optamal.commands.meta_common import (device_for, problem_for, resolve_lrs, resumed_config,
+                                          settings_for, train_replicates)
 from optamal.config import ChoiceConfig
 from optamal.console import console
 from optamal.runs import Run
@@ -19,6 +19,9 @@ def train_choice(cfg: ChoiceConfig) -> Run:
     from optamal.rules.choice import ChoiceNet
     from optamal.rules.teachers import CHOICE_MULTIPLIERS, pool_members
 
+    resumed = None
+    if cfg.resume:
+        cfg, resumed = resumed_config(ChoiceConfig, cfg.resume, "train-choice")
     device = device_for(cfg)
     names = list(cfg.teachers) if cfg.teachers else list(pool_members(cfg.pool))
     tuned, source = resolve_lrs(cfg, names)
@@ -29,9 +32,10 @@ def train_choice(cfg: ChoiceConfig) -> Run:
               "tuned_lrs": tuned, "multipliers": {t: CHOICE_MULTIPLIERS[t] for t in names},
               "pool": cfg.pool, "problem": problem.name, "dataset": problem.dataset.name,
               "meta_gradient": cfg.meta_gradient}
-    run = Run.create(cfg.runs_dir, "train-choice", cfg.to_dict(), name=cfg.name, seed=cfg.seed,
-                     device=device, extra={"prerequisites": source, "problem": problem.describe(),
-                                           "teachers": names, "choice_lrs": dict(zip(names, rates))})
+    run = resumed or Run.create(
+        cfg.runs_dir, "train-choice", cfg.to_dict(), name=cfg.name, seed=cfg.seed, device=device,
+        extra={"prerequisites": source, "problem": problem.describe(), "teachers": names,
+               "choice_lrs": dict(zip(names, rates))})
     console.print(f"train-choice: pool {cfg.pool} ({', '.join(names)}) on {problem.name}/"
                   f"{problem.dataset.name}, {cfg.replicates} replicate(s) → {run.path}")
 
@@ -41,5 +45,6 @@ def train_choice(cfg: ChoiceConfig) -> Run:
         return net, factory, [], header
 
     with run.track():
-        train_replicates(run, cfg, problem, settings, build, "train-choice")
+        train_replicates(run, cfg, problem, settings, build, "train-choice",
+                         resume=resumed is not None)
     return run
