@@ -134,7 +134,9 @@ def train_choice_cmd(
         **_common(profile, seed, device, runs_dir, name, data_root, download)), set_)
     from optamal.commands.train_choice import train_choice
 
-    print(train_choice(cfg).path)
+    run = train_choice(cfg)
+    if run.write:
+        print(run.path)
 
 
 @app.command("distill")
@@ -165,7 +167,9 @@ def distill_cmd(
         **_common(profile, seed, device, runs_dir, name, data_root, download)), set_)
     from optamal.commands.distill import distill
 
-    print(distill(cfg).path)
+    run = distill(cfg)
+    if run.write:
+        print(run.path)
 
 
 @app.command("evaluate")
@@ -193,7 +197,9 @@ def evaluate_cmd(
         **_common(profile, seed, device, runs_dir, name, data_root, download)), set_)
     from optamal.commands.evaluate import evaluate
 
-    print(evaluate(cfg).path)
+    run = evaluate(cfg)
+    if run.write:
+        print(run.path)
 
 
 @app.command("report")

@@ -11,12 +11,12 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
 console = Console(stderr=True, highlight=False)
 
 
-def progress(transient: bool = False) -> Progress:
+def progress(transient: bool = False, disable: bool = False) -> Progress:
     """A progress bar with count, elapsed time and ETA (rendered on stderr)."""
     return Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
                     MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                    console=console, transient=transient)
+                    console=console, transient=transient, disable=disable)
 
 
 def info(msg: str) -> None:

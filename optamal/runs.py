@@ -131,6 +131,7 @@ class Run:
 
     path: Path
     manifest: dict[str, Any]
+    write: bool = True   # False on non-zero ranks of a distributed run: rank 0 alone writes
 
     @property
     def command(self) -> str:
@@ -151,8 +152,9 @@ class Run:
     @classmethod
     def create(cls, runs_dir: str | os.PathLike, command: str, config: dict[str, Any], *,
                name: str | None = None, seed: int | None = None, device: str = "cpu",
-               extra: dict[str, Any] | None = None) -> "Run":
-        """Make ``<runs_dir>/<command>/<name or timestamp>/`` and write its manifest."""
+               extra: dict[str, Any] | None = None, write: bool = True) -> "Run":
+        """Make ``<runs_dir>/<command>/<name or timestamp>/`` and write its manifest
+        (``write=False``: describe the run without touching the disk)."""
         base = Path(runs_dir) / command
         if name is None:
             stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -162,12 +164,13 @@ class Run:
                 n += 1
                 name = f"{stamp}-{n}"
         path = base / name
-        if path.exists() and any(path.iterdir()):
+        if write and path.exists() and any(path.iterdir()):
             raise OptamalError(f"run folder {path} already exists; pick another --name")
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OptamalError(f"cannot create run folder {path}: {exc.strerror}") from None
+        if write:
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise OptamalError(f"cannot create run folder {path}: {exc.strerror}") from None
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "optamal_version": __version__,
@@ -186,9 +189,10 @@ class Run:
         }
         if extra:
             manifest.update(extra)
-        run = cls(path, manifest)
+        run = cls(path, manifest, write)
         run.save_manifest()
-        atomic_write_json(path / "config.json", config)
+        if write:
+            atomic_write_json(path / "config.json", config)
         return run
 
     @classmethod
@@ -207,7 +211,8 @@ class Run:
         return cls(path, manifest)
 
     def save_manifest(self) -> None:
-        atomic_write_json(self.path / "manifest.json", self.manifest)
+        if self.write:
+            atomic_write_json(self.path / "manifest.json", self.manifest)
 
     def update(self, **fields: Any) -> None:
         self.manifest.update(fields)

@@ -16,6 +16,7 @@ from optamal.commands.meta_common import (device_for, problem_for, resolve_lrs, 
 from optamal.config import DistillConfig
 from optamal.console import console
 from optamal.errors import OptamalError
+from optamal.distributed import is_main, world
 from optamal.runs import Run, find_runs
 
 
@@ -38,6 +39,7 @@ def distill(cfg: DistillConfig) -> Run:
     from optamal.policies import build_net
     from optamal.rules.teachers import Teacher, pool_members
 
+    rank, world_size = world()   # joins the process group under torchrun
     resumed = None
     if cfg.resume:
         cfg, resumed = resumed_config(DistillConfig, cfg.resume, "distill")
@@ -67,11 +69,13 @@ def distill(cfg: DistillConfig) -> Run:
               "pool": cfg.pool, "perturb": cfg.perturb, "magnitude": magnitude,
               "problem": problem.name, "dataset": problem.dataset.name,
               "meta_gradient": cfg.meta_gradient, **teacher_desc}
+    main = is_main()
     run = resumed or Run.create(
-        cfg.runs_dir, "distill", cfg.to_dict(), name=cfg.name, seed=cfg.seed, device=device,
-        extra={"prerequisites": prerequisites, "problem": problem.describe(), "scheme": cfg.scheme,
+        cfg.runs_dir, "distill", cfg.to_dict(), name=cfg.name, seed=cfg.seed, device=device, write=main,
+        extra={"world_size": world_size, "prerequisites": prerequisites, "problem": problem.describe(), "scheme": cfg.scheme,
                "perturb": cfg.perturb, "magnitude": magnitude, **teacher_desc})
-    console.print(f"distill: {cfg.policy} student, scheme {cfg.scheme}, pool {cfg.pool}, perturb {cfg.perturb}"
+    if main:
+        console.print(f"distill: {cfg.policy} student, scheme {cfg.scheme}, pool {cfg.pool}, perturb {cfg.perturb}"
                   f"{f' ({magnitude:g})' if magnitude else ''} on {problem.name}/{problem.dataset.name}, "
                   f"{cfg.replicates} replicate(s) → {run.path}")
 

@@ -209,10 +209,15 @@ def _run_cell(entry: dict[str, Any], problem_name: str, evaluation: int) -> list
 def evaluate(cfg: EvaluateConfig) -> Run:
     import pandas as pd
 
+    from optamal.distributed import gather_objects, world
+
+    rank, world_size = world()   # under torchrun: cells are split across ranks
+    main = rank == 0
     device = resolve_device(cfg.device)
     done_rows: list[dict[str, Any]] = []
     if cfg.resume:
         run = Run.load(cfg.resume)
+        run.write = main
         if run.command != "evaluate":
             raise OptamalError(f"--resume expects an evaluate run folder, got a {run.command} run")
         stored = EvaluateConfig(**{k: (tuple(v) if isinstance(v, list) else v)
@@ -222,7 +227,11 @@ def evaluate(cfg: EvaluateConfig) -> Run:
         entries, problems, skipped = run.manifest["entries"], run.manifest["problems"], run.manifest.get("skipped", {})
         csv = run.file("evaluations.csv")
         if csv.is_file():
-            df = pd.read_csv(csv)
+            try:
+                df = pd.read_csv(csv)
+            except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+                first = (str(exc).strip().splitlines() or ["unreadable"])[0]
+                raise OptamalError(f"{csv} is not a readable CSV ({first}): cannot resume from it") from None
             missing = set(EVAL_COLUMNS) - set(df.columns)
             if missing:
                 raise OptamalError(f"{csv} lacks columns {sorted(missing)}: cannot resume from it")
@@ -240,34 +249,39 @@ def evaluate(cfg: EvaluateConfig) -> Run:
             raise OptamalError("no problem has its data here: " +
                                "; ".join(f"{k}: {v}" for k, v in skipped.items()))
         run = Run.create(cfg.runs_dir, "evaluate", cfg.to_dict(), name=cfg.name, seed=cfg.seed,
-                         device=device, extra={"entries": entries, "problems": problems,
-                                               "skipped": skipped, "lrs_source": lr_source})
+                         device=device, write=main,
+                         extra={"entries": entries, "problems": problems, "skipped": skipped,
+                                "lrs_source": lr_source, "world_size": world_size})
     for name, why in skipped.items():
-        warn(f"skipping problem {name}: {why}")
+        if main:
+            warn(f"skipping problem {name}: {why}")
     done = {(r["optimizer"], r["run"], int(r["replicate"]), r["problem"], int(r["evaluation"]))
             for r in done_rows}
     cells = [(e, p, j) for p in problems for j in range(cfg.repeats) for e in entries
              if (e["optimizer"], e["run"], int(e["replicate"]), p, j) not in done]
     n_opt = len(entries)
-    console.print(f"evaluate: {n_opt} optimizer replicate(s) × {len(problems)} problem(s) × "
-                  f"{cfg.repeats} evaluation(s) × {cfg.epochs} epoch(s); {len(cells)} cell(s) to run"
+    all_cells = len(cells)
+    cells = cells[rank::world_size]
+    if main:
+        console.print(f"evaluate: {n_opt} optimizer replicate(s) × {len(problems)} problem(s) × "
+                  f"{cfg.repeats} evaluation(s) × {cfg.epochs} epoch(s); {all_cells} cell(s) to run"
                   f"{f', {len(done)} already done' if done else ''} → {run.path}")
     cfg_d = cfg.to_dict()
     workers = cfg.workers or ((os.cpu_count() or 1) if len(cells) * cfg.epochs >= 8 else 1)
     workers = max(1, min(workers, len(cells) or 1))
-    if device == "cuda":
+    if device == "cuda" or world_size > 1:
         workers = 1
     run.update(workers=workers)
     rows = list(done_rows)
     with run.track():
-        with progress() as bar:
+        with progress(disable=not main) as bar:
             task = bar.add_task("evaluation cells", total=len(cells), status="")
 
             def collect(recs):
                 rows.extend(recs)
-                rows.sort(key=lambda r: (r["problem"], r["optimizer"], r["run"], r["replicate"],
-                                         r["evaluation"], r["epoch"]))
-                atomic_write_csv(run.file("evaluations.csv"), pd.DataFrame(rows, columns=EVAL_COLUMNS))
+                rows.sort(key=_row_order)
+                if run.write:
+                    atomic_write_csv(run.file("evaluations.csv"), pd.DataFrame(rows, columns=EVAL_COLUMNS))
                 last = recs[-1]
                 st = "diverged" if last["diverged"] else f"val {last['val_loss']:.3f}"
                 bar.update(task, advance=1, status=f"{last['problem']} {last['optimizer']}: {st}")
@@ -286,11 +300,21 @@ def evaluate(cfg: EvaluateConfig) -> Run:
                     futs = [pool.submit(_run_cell, *cell) for cell in cells]
                     for fut in as_completed(futs):
                         collect(fut.result())
-        if not rows:
-            atomic_write_csv(run.file("evaluations.csv"), pd.DataFrame([], columns=EVAL_COLUMNS))
+        if world_size > 1:   # rank 0 collects every rank's rows and writes them
+            done_keys = {id(r) for r in done_rows}
+            mine = [r for r in rows if id(r) not in done_keys]
+            rows = list(done_rows) + [r for part in gather_objects(mine) for r in part]
+            rows.sort(key=_row_order)
+        if run.write:
+            atomic_write_csv(run.file("evaluations.csv"), pd.DataFrame(rows, columns=EVAL_COLUMNS))
         run.update(rows=len(rows))
-        _summary_table(rows)
+        if main:
+            _summary_table(rows)
     return run
+
+
+def _row_order(r: dict[str, Any]):
+    return (r["problem"], r["optimizer"], r["run"], r["replicate"], r["evaluation"], r["epoch"])
 
 
 def _summary_table(rows: list[dict[str, Any]]) -> None:

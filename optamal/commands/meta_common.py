@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from optamal.config import MetaConfig, resolve_device
+from optamal.distributed import is_main
 from optamal.console import console, progress, warn
 from optamal.errors import OptamalError
 from optamal.meta.trainer import MetaSettings, MetaTrainer, ReplicateDiverged
@@ -92,7 +93,7 @@ def train_replicates(run: Run, cfg: MetaConfig, problem, settings: MetaSettings,
     ``build(seed)`` returns (net, rule factory, teachers, policy header)."""
     upper = sum(cfg.max_validations * cfg.validate_every for _ in settings.unrolls)
     results: dict[str, Any] = dict(run.manifest.get("replicates") or {}) if resume else {}
-    with progress() as bar:
+    with progress(disable=not is_main()) as bar:
         for rep in range(cfg.replicates):
             if results.get(str(rep), {}).get("status") in ("completed", "diverged"):
                 continue   # finished before the interruption
@@ -100,7 +101,8 @@ def train_replicates(run: Run, cfg: MetaConfig, problem, settings: MetaSettings,
             torch.manual_seed(seed)
             net, make_rule, teachers, header = build(seed)
             out = run.path / f"replicate-{rep}"
-            out.mkdir(exist_ok=True)
+            if run.write:
+                out.mkdir(exist_ok=True)
             task = bar.add_task(f"{label} replicate {rep + 1}/{cfg.replicates}", total=upper, status="")
             status = _curriculum(out, problem, net, make_rule, teachers, settings, seed,
                                  dict(header, replicate=rep, seed=seed), bar, task, resume=resume)
@@ -121,6 +123,8 @@ PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
 
 def save_checkpoint(out: Path, payload: dict[str, Any]) -> None:
     """Atomically write checkpoint.pt, keeping the one before as checkpoint.prev.pt."""
+    if not is_main():
+        return
     cur = out / CHECKPOINT
     if cur.is_file():
         os.replace(cur, out / PREVIOUS_CHECKPOINT)
@@ -196,7 +200,7 @@ def _curriculum(out: Path, problem, net, make_rule, teachers, s: MetaSettings, s
                 meta_rows += trainer.meta_epoch_run(stage, unroll, alpha, on_trunc)
                 bar.advance(task)
                 pos["cycle"] += 1
-                atomic_write_csv(out / "meta.csv", _frame(meta_rows, META_COLUMNS))
+                _write_csv(out / "meta.csv", meta_rows, META_COLUMNS)
                 checkpoint()
                 continue
             v = trainer.validate()
@@ -207,8 +211,9 @@ def _curriculum(out: Path, problem, net, make_rule, teachers, s: MetaSettings, s
             is_best = math.isfinite(value) and value < pos["best"]
             if is_best:
                 pos["best"] = value
-                save_policy(out / "policy.pt", net, dict(
-                    header, best_validation=value, meta_epoch=trainer.meta_epoch, stage=stage))
+                if is_main():
+                    save_policy(out / "policy.pt", net, dict(
+                        header, best_validation=value, meta_epoch=trainer.meta_epoch, stage=stage))
             if math.isfinite(value) and value < pos["stage_best"]:
                 pos["stage_best"], pos["since"] = value, 0
             else:
@@ -216,7 +221,7 @@ def _curriculum(out: Path, problem, net, make_rule, teachers, s: MetaSettings, s
             val_rows.append(dict(stage=stage, meta_epoch=trainer.meta_epoch, validation=pos["n_val"],
                                  val_log_loss=value, val_final_loss=v["val_final_loss"],
                                  best=is_best, seconds=time.perf_counter() - t_start))
-            atomic_write_csv(out / "validation.csv", _frame(val_rows, VAL_COLUMNS))
+            _write_csv(out / "validation.csv", val_rows, VAL_COLUMNS)
             if pos["vals"] >= s.max_validations or (pos["vals"] >= s.min_validations
                                                      and pos["since"] >= s.patience):
                 pos.update(stage=stage + 1, vals=0, since=0, stage_best=math.inf)
@@ -225,9 +230,10 @@ def _curriculum(out: Path, problem, net, make_rule, teachers, s: MetaSettings, s
             checkpoint()
     except ReplicateDiverged as exc:
         pos.update(status="diverged", error=str(exc))
-        warn(f"{out.name} diverged: {exc}; going on with the other replicates")
+        if is_main():
+            warn(f"{out.name} diverged: {exc}; going on with the other replicates")
         checkpoint()
-    atomic_write_csv(out / "meta.csv", _frame(meta_rows, META_COLUMNS))
+    _write_csv(out / "meta.csv", meta_rows, META_COLUMNS)
     best = pos["best"]
     status, error = pos["status"], pos["error"]
     if not math.isfinite(best):
@@ -237,6 +243,11 @@ def _curriculum(out: Path, problem, net, make_rule, teachers, s: MetaSettings, s
             "meta_epochs": trainer.meta_epoch, "validations": pos["n_val"],
             "divergence_events": trainer.divergence_events,
             "seconds": round(time.perf_counter() - t_start, 2)}
+
+
+def _write_csv(path: Path, rows, columns) -> None:
+    if is_main():
+        atomic_write_csv(path, _frame(rows, columns))
 
 
 def _frame(rows, columns):
@@ -252,6 +263,7 @@ def resumed_config(cls, path: str, command: str):
     from datetime import datetime, timezone
 
     run = Run.load(path)
+    run.write = is_main()
     if run.command != command:
         raise OptamalError(f"--resume expects a {command} run folder, got a {run.command} run ({path})")
     if run.status == "completed":

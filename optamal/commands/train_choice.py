@@ -11,6 +11,7 @@ from optamal.commands.meta_common import (device_for, problem_for, resolve_lrs, 
                                           settings_for, train_replicates)
 from optamal.config import ChoiceConfig
 from optamal.console import console
+from optamal.distributed import is_main, world
 from optamal.runs import Run
 
 
@@ -19,6 +20,7 @@ def train_choice(cfg: ChoiceConfig) -> Run:
     from optamal.rules.choice import ChoiceNet
     from optamal.rules.teachers import CHOICE_MULTIPLIERS, pool_members
 
+    rank, world_size = world()   # joins the process group under torchrun
     resumed = None
     if cfg.resume:
         cfg, resumed = resumed_config(ChoiceConfig, cfg.resume, "train-choice")
@@ -32,11 +34,13 @@ def train_choice(cfg: ChoiceConfig) -> Run:
               "tuned_lrs": tuned, "multipliers": {t: CHOICE_MULTIPLIERS[t] for t in names},
               "pool": cfg.pool, "problem": problem.name, "dataset": problem.dataset.name,
               "meta_gradient": cfg.meta_gradient}
+    main = is_main()
     run = resumed or Run.create(
-        cfg.runs_dir, "train-choice", cfg.to_dict(), name=cfg.name, seed=cfg.seed, device=device,
-        extra={"prerequisites": source, "problem": problem.describe(), "teachers": names,
+        cfg.runs_dir, "train-choice", cfg.to_dict(), name=cfg.name, seed=cfg.seed, device=device, write=main,
+        extra={"world_size": world_size, "prerequisites": source, "problem": problem.describe(), "teachers": names,
                "choice_lrs": dict(zip(names, rates))})
-    console.print(f"train-choice: pool {cfg.pool} ({', '.join(names)}) on {problem.name}/"
+    if main:
+        console.print(f"train-choice: pool {cfg.pool} ({', '.join(names)}) on {problem.name}/"
                   f"{problem.dataset.name}, {cfg.replicates} replicate(s) → {run.path}")
 
     def build(seed):

@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
+from optamal.distributed import all_reduce_grads, all_reduce_sum, all_reduce_tensors, world
 from optamal.engine import Warm, warmup
 from optamal.meta.losses import distill_distance, meta_term, reduce_teachers
 from optamal.meta.perturb import pgd_step, random_perturbation
@@ -82,6 +83,7 @@ class Trajectory:
     teacher_thetas: list[torch.Tensor]
     teacher_states: list[Any]
     stream: Any
+    gen: torch.Generator             # this trajectory's own noise (scaling, perturbations)
     step: int = 0
 
 
@@ -113,8 +115,11 @@ class MetaTrainer:
         p = self.problem
         theta0 = p.theta0(seed)
         warm = warmup(p, theta0, p.batch_stream(seed + 10_000_019), self.s.warmup_steps, self.s.warmup_lr)
+        # Each trajectory draws its randomness from its own generator, so the numbers do not
+        # depend on which rank (or in which order) the meta-batch members are computed.
+        gen = torch.Generator().manual_seed(seed * 2_654_435_761 % (2**62) + self.seed)
         if self.s.random_scaling:
-            u = torch.rand(theta0.shape, generator=self.gen).to(theta0)
+            u = torch.rand(theta0.shape, generator=gen).to(theta0)
             scale = torch.exp((2 * u - 1) * SCALE_RANGE)
         else:
             scale = torch.ones_like(theta0)
@@ -125,7 +130,7 @@ class MetaTrainer:
         t_thetas = [warm.theta.clone() for _ in self.teachers]
         t_states = [t.init(warm.theta, warm.moments) for t in self.teachers]
         return Trajectory(seed, scale, warm.theta / scale, state, t_thetas, t_states,
-                          p.batch_stream(seed))
+                          p.batch_stream(seed), gen)
 
     @torch.no_grad()
     def _advance_teachers(self, traj: Trajectory, batches: list[Batch]) -> torch.Tensor | None:
@@ -145,7 +150,7 @@ class MetaTrainer:
 
     def _truncation_loss(self, traj: Trajectory, batches: list[Batch], starts: list[torch.Tensor],
                          targets: torch.Tensor | None, alpha: float,
-                         params_for_step: Callable[[], dict[str, torch.Tensor] | None],
+                         params_for_step: Callable[[Trajectory], dict[str, torch.Tensor] | None],
                          input_noise: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any, torch.Tensor]:
         """Unroll the student through one truncation; returns (total, meta, distill, state, θ')."""
         full = self.s.meta_gradient == "full"
@@ -153,7 +158,7 @@ class MetaTrainer:
         state = traj.state
         metas, dists = [], []
         for i, batch in enumerate(batches):
-            rule = self.make_rule(params_for_step(), input_noise, self.gen)
+            rule = self.make_rule(params_for_step(traj), input_noise, traj.gen)
             loss, g = self.problem.loss_and_grad(theta * traj.scale, batch, create_graph=full)
             metas.append(meta_term(loss, starts[i]))
             u, state = rule.step(g * traj.scale, state, traj.step + i)
@@ -193,18 +198,20 @@ class MetaTrainer:
                 grads = {k: torch.zeros_like(v) for k, v in psi.items()}
                 for traj, batches, starts, targets in prepared:
                     total, *_ = self._truncation_loss(traj, batches, starts, targets, alpha,
-                                                      lambda: shifted, 0.0)
+                                                      lambda tr: shifted, 0.0)
                     if torch.isfinite(total):
-                        gs = torch.autograd.grad(total / len(prepared), list(leaf.values()),
+                        gs = torch.autograd.grad(total / s.meta_batch, list(leaf.values()),
                                                  allow_unused=True)
                         for k, gk in zip(leaf, gs):
                             if gk is not None:
                                 grads[k] += gk
+                # the ascent direction uses the whole meta-batch's loss (summed over ranks)
+                grads = dict(zip(grads, all_reduce_tensors(list(grads.values()))))
                 psi = pgd_step(psi, grads, params, s.magnitude)
 
-        def params_for_step():
+        def params_for_step(traj: Trajectory):
             if s.perturb == "random":
-                return random_perturbation(params, s.magnitude, self.gen)
+                return random_perturbation(params, s.magnitude, traj.gen)
             if psi is not None:
                 return {k: params[k] + psi[k] for k in params}
             return None
@@ -221,9 +228,16 @@ class MetaTrainer:
             if not math.isfinite(totals[-1]):
                 ok = False
                 break
-            (total / len(prepared)).backward()
+            (total / s.meta_batch).backward()
             new_states.append((traj, _detach(state), theta.detach()))
 
+        # Sum the meta-gradient and the numbers over ranks (no-ops in one process); every
+        # rank then takes the same decision and the same Adam step.
+        all_reduce_grads(self.net)
+        n_bad, sum_t, sum_m, sum_d, n = all_reduce_sum(
+            [0.0 if ok else 1.0, sum(totals), sum(metas), sum(dists), float(len(totals))])
+        ok = n_bad == 0
+        totals, metas, dists = [sum_t / max(n, 1)], [sum_m / max(n, 1)], [sum_d / max(n, 1)]
         grad_norm = _grad_norm(self.net)
         if ok and not math.isfinite(grad_norm):
             ok = False
@@ -254,7 +268,8 @@ class MetaTrainer:
         """One meta-epoch: ``meta_batch`` fresh trajectories unrolled ``unroll`` steps."""
         if unroll % self.s.truncation:
             raise ValueError(f"unroll {unroll} not divisible by truncation {self.s.truncation}")
-        trajs = [self._new_trajectory(b) for b in range(self.s.meta_batch)]
+        rank, size = world()
+        trajs = [self._new_trajectory(b) for b in range(self.s.meta_batch) if b % size == rank]
         rows = []
         for tr in range(unroll // self.s.truncation):
             row = self.truncation_step(trajs, alpha)
