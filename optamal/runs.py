@@ -116,6 +116,8 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise OptamalError(f"{what} not found: {path}") from None
+    except OSError as exc:   # a folder in its place, no permission, ...
+        raise OptamalError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise OptamalError(f"malformed {what} {path}: {exc}") from None
 
@@ -190,9 +192,14 @@ class Run:
         if extra:
             manifest.update(extra)
         run = cls(path, manifest, write)
-        run.save_manifest()
-        if write:
-            atomic_write_json(path / "config.json", config)
+        try:
+            run.save_manifest()
+            if write:
+                atomic_write_json(path / "config.json", config)
+        except OSError as exc:   # e.g. a full disk: one line, and the folder says failed
+            msg = os_error_message(exc, path)
+            run._finish_quietly("failed", msg)
+            raise OptamalError(msg) from None
         return run
 
     @classmethod
@@ -237,16 +244,40 @@ class Run:
         try:
             yield self
         except KeyboardInterrupt:
-            self.finish("interrupted", "interrupted by the user (Ctrl-C)")
+            self._finish_quietly("interrupted", "interrupted by the user (Ctrl-C)")
             raise
         except OptamalError as exc:
-            self.finish("failed", str(exc))
+            self._finish_quietly("failed", str(exc))
             raise
+        except OSError as exc:
+            # The environment's fault (disk full, folder not writable, ...), not a bug: a
+            # one-line user error, with the run marked failed when the manifest still writes.
+            msg = os_error_message(exc, self.path)
+            self._finish_quietly("failed", msg)
+            raise OptamalError(msg) from None
         except BaseException as exc:
-            self.finish("failed", f"{type(exc).__name__}: {exc}")
+            self._finish_quietly("failed", f"{type(exc).__name__}: {exc}")
             raise
         else:
-            self.finish("completed")
+            try:
+                self.finish("completed")
+            except OSError as exc:
+                raise OptamalError(os_error_message(exc, self.path)) from None
+
+    def _finish_quietly(self, status: str, error: str) -> None:
+        """Record how the run ended if the manifest can still be written; never mask the
+        error that ended it."""
+        try:
+            self.finish(status, error)
+        except OSError:
+            pass
+
+
+def os_error_message(exc: OSError, run_path: str | os.PathLike) -> str:
+    """One line for an OSError raised inside run ``run_path``."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    where = f" ({exc.filename})" if exc.filename else ""
+    return " ".join(f"I/O error in run {run_path}: {what}{where}".split())
 
 
 def _versions() -> dict[str, str]:

@@ -51,7 +51,7 @@ def optimizer_label(header: dict[str, Any]) -> str:
 
 def learned_entries(specs: tuple[str, ...]) -> tuple[list[dict[str, Any]], list[Path]]:
     """Expand run folders / replicate folders / policy files / globs into entries."""
-    from optamal.rules.lstm import read_policy
+    from optamal.policies import load_policy
 
     entries: list[dict[str, Any]] = []
     run_dirs: list[Path] = []
@@ -72,7 +72,7 @@ def learned_entries(specs: tuple[str, ...]) -> tuple[list[dict[str, Any]], list[
             else:
                 raise OptamalError(f"run not found: {p}")
             for pol in policies:
-                header, _ = read_policy(pol)
+                _, header = load_policy(pol)   # weights that do not fit are refused before any run starts
                 run_dir = pol.parent.parent if pol.parent.name.startswith("replicate-") else pol.parent
                 run_dirs.append(run_dir)
                 entries.append(dict(optimizer=optimizer_label(header), kind="learned",
@@ -220,6 +220,9 @@ def evaluate(cfg: EvaluateConfig) -> Run:
         run.write = main
         if run.command != "evaluate":
             raise OptamalError(f"--resume expects an evaluate run folder, got a {run.command} run")
+        if not isinstance(run.manifest.get("entries"), list) or not isinstance(run.manifest.get("problems"), list):
+            raise OptamalError(f"malformed manifest {run.path / 'manifest.json'}: no 'entries' and "
+                               "'problems' lists: cannot resume from it")
         stored = EvaluateConfig(**{k: (tuple(v) if isinstance(v, list) else v)
                                    for k, v in run.config.items() if k in EvaluateConfig.__dataclass_fields__})
         stored.workers, stored.resume = cfg.workers, cfg.resume
@@ -237,6 +240,8 @@ def evaluate(cfg: EvaluateConfig) -> Run:
                 raise OptamalError(f"{csv} lacks columns {sorted(missing)}: cannot resume from it")
             complete = df.groupby(CELL_KEYS).epoch.transform("count") == cfg.epochs
             done_rows = df[complete].to_dict("records")
+        if run.status == "completed":
+            raise OptamalError(f"{cfg.resume} already completed; nothing to resume")
         run.update(status="running", resumed=run.manifest.get("resumed", []) + [__import__("optamal.runs", fromlist=["_now"])._now()])
     else:
         learned, run_dirs = learned_entries(cfg.runs)

@@ -247,6 +247,13 @@ def load_lrs(path_or_run) -> dict[str, float]:
 
     p = Path(path_or_run)
     if p.is_dir():
+        if (p / "manifest.json").exists():
+            from optamal.runs import Run
+
+            run = Run.load(p)   # a damaged or newer-schema run folder is refused, not trusted
+            if run.command != "tune-lr":
+                raise OptamalError(f"{p} is a {run.command} run, not a tune-lr run: pass a tune-lr "
+                                   "run folder or its lrs.json to --lrs")
         p = p / "lrs.json"
     data = read_json(p, "learning-rate file")
     lrs = data.get("lrs") if isinstance(data, dict) else None
