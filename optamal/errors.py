@@ -16,6 +16,11 @@ class OptamalError(Exception):
     exit_code = 2
 
 
+class UnsafeFileError(OptamalError):
+    """A tensor file that carries more than tensors (pickled code): never loaded, never
+    skipped over silently."""
+
+
 def choice_error(what: str, value: object, accepted: Iterable[object]) -> OptamalError:
     """Error for a value outside an enumerated set, naming the accepted values."""
     accepted_s = ", ".join(str(a) for a in accepted)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from optamal import __version__
-from optamal.errors import OptamalError
+from optamal.errors import OptamalError, UnsafeFileError
 
 SCHEMA_VERSION = 1
 STATUSES = ("running", "completed", "failed", "interrupted")
@@ -92,8 +92,14 @@ def safe_torch_load(path: str | os.PathLike, what: str = "file") -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
-        raise OptamalError(f"refusing to load {what} {path}: it holds more than tensors ({first})") from None
+        # torch's message is long and styled; keep only what names the offending object
+        import re
+
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+        found = re.search(r"(Unsupported global: GLOBAL [^\s]+|Unsupported operand [^\s]+)", text)
+        detail = found.group(1) if found else "pickled objects"
+        raise UnsafeFileError(f"refusing to load {what} {path}: it holds more than tensors "
+                              f"({detail}); a weights-only file is required") from None
     except Exception as exc:  # noqa: BLE001 - a corrupt file fails in many ways (KeyError, ...)
         known = isinstance(exc, (RuntimeError, EOFError, OSError, ValueError))
         first = str(exc).strip().splitlines()[0] if known and str(exc).strip() else "not a tensor file"

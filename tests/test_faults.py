@@ -275,10 +275,6 @@ def test_nan_inputs_mark_evaluations_diverged_and_the_sweep_goes_on(tmp_path, pl
     assert good[["train_loss", "val_loss", "val_acc"]].map(math.isfinite).all().all()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug (optamal/commands/meta_common.py _curriculum / meta/trainer.py meta_epoch_run): "
-    "the rows of the meta-epoch that raises ReplicateDiverged are dropped, so meta.csv logs one "
-    "divergence event fewer than the manifest"))
 def test_meta_csv_logs_the_divergence_that_ends_the_replicate(tmp_path, plugin, capsys):
     runs = tmp_path / "runs"
     rc = cli("distill", "--profile", "smoke", "--scheme", "none", "--lrs", "paper",

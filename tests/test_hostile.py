@@ -187,11 +187,6 @@ def fx(name: str, *sub: str) -> Callable[[World], Path]:
     return lambda w: w.p(name).joinpath(*sub)
 
 
-XFAIL_CHECKPOINT = pytest.mark.xfail(strict=True, reason=(
-    "known bug, optamal/commands/meta_common.py load_checkpoint: a checkpoint refused for "
-    "holding a pickled object is treated like a damaged one (a warning, then the previous "
-    "checkpoint, else a restart from scratch) instead of stopping the resume"))
-
 CASES = [
     # unknown enum values
     ("pool", distill("--pool", "huge"), "unknown pool 'huge'"),
@@ -256,7 +251,7 @@ CASES = [
                                                             "--choice", w.p("pickled"))(w),
      "refusing to load policy file"),
     pytest.param("checkpoint-with-pickled-object", lambda w: ["distill", "--resume", w.p("pickled-checkpoint")],
-                 "refusing to load checkpoint", marks=XFAIL_CHECKPOINT, id="checkpoint-with-pickled-object"),
+                 "refusing to load checkpoint", id="checkpoint-with-pickled-object"),
     # plug-in problems
     ("plugin-does-not-import", command("tune-lr", "--problem", "no_such_module_qq:make"),
      "cannot import plug-in problem module 'no_such_module_qq'"),

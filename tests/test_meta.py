@@ -514,9 +514,6 @@ def test_distill_fails_when_every_replicate_diverges(tmp_path, mnist5k_root, mon
     assert list(path.rglob("policy.pt")) == []
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: the meta-iteration that raises ReplicateDiverged "
-                   "is never returned by meta_epoch_run, so meta.csv lacks its row (manifest says 2 "
-                   "divergence events, meta.csv shows 1); fix belongs in meta_common/_curriculum")
 def test_diverged_replicate_meta_csv_records_every_event(tmp_path, mnist5k_root, monkeypatch):
     from optamal.commands.distill import distill
 

@@ -19,7 +19,7 @@ import torch
 from optamal.config import MetaConfig, resolve_device
 from optamal.distributed import is_main
 from optamal.console import console, progress, warn
-from optamal.errors import OptamalError
+from optamal.errors import OptamalError, UnsafeFileError
 from optamal.meta.trainer import MetaSettings, MetaTrainer, ReplicateDiverged
 from optamal.rules.lstm import save_policy
 from optamal.runs import Run, atomic_torch_save, atomic_write_csv, find_runs
@@ -136,18 +136,21 @@ def load_checkpoint(out: Path) -> dict[str, Any] | None:
     back to checkpoint.prev.pt with a warning), or None when there is none."""
     from optamal.runs import safe_torch_load
 
-    for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
-        path = out / name
-        if not path.is_file():
-            continue
+    present = [out / n for n in (CHECKPOINT, PREVIOUS_CHECKPOINT) if (out / n).is_file()]
+    for path in present:
         try:
             ckpt = safe_torch_load(path, "checkpoint")
+        except UnsafeFileError:
+            raise            # a file carrying code stops the resume; it is never skipped over
         except OptamalError as exc:
             warn(f"{exc}; trying the previous checkpoint")
             continue
         if isinstance(ckpt, dict) and ckpt.get("format") == "optamal-checkpoint":
             return ckpt
         warn(f"{path} is not an optamal checkpoint; trying the previous one")
+    if present:
+        raise OptamalError(f"no readable checkpoint in {out}: cannot resume this replicate; "
+                           "start a new run")
     return None
 
 
@@ -229,6 +232,7 @@ def _curriculum(out: Path, problem, net, make_rule, teachers, s: MetaSettings, s
                 pos["status"] = "completed"
             checkpoint()
     except ReplicateDiverged as exc:
+        meta_rows += exc.rows   # the meta-epoch that ended the replicate is logged too
         pos.update(status="diverged", error=str(exc))
         if is_main():
             warn(f"{out.name} diverged: {exc}; going on with the other replicates")
@@ -278,6 +282,9 @@ def resumed_config(cls, path: str, command: str):
     values["resume"] = str(path)
     cfg = cls(**values)
     cfg.validate()
+    for rep in sorted(run.path.glob("replicate-*")):   # refuse unsafe checkpoints up front
+        if rep.is_dir():
+            load_checkpoint(rep)
     stamps = list(run.manifest.get("resumed") or []) + [datetime.now(timezone.utc).isoformat(timespec="seconds")]
     run.update(status="running", error=None, resumed=stamps)
     return cfg, run

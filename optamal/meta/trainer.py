@@ -42,7 +42,12 @@ SCALE_RANGE = 3.0   # s = exp(U(−3, 3))
 
 
 class ReplicateDiverged(RuntimeError):
-    """Too many non-finite meta-iterations in a row."""
+    """Too many non-finite meta-iterations in a row; ``rows`` are the logged rows of the
+    meta-epoch it ended."""
+
+    def __init__(self, message: str, rows: list[dict[str, Any]] | None = None):
+        super().__init__(message)
+        self.rows = rows or []
 
 
 @dataclass
@@ -257,8 +262,6 @@ class MetaTrainer:
         else:
             self.bad_in_row += 1
             self.divergence_events += 1
-            if self.bad_in_row >= s.max_bad_steps:
-                raise ReplicateDiverged(f"{self.bad_in_row} non-finite meta-iterations in a row")
         return dict(meta_loss=_mean(metas), distill_loss=_mean(dists), total_loss=_mean(totals),
                     grad_norm=grad_norm, skipped=not ok, divergence_events=self.divergence_events,
                     seconds=time.perf_counter() - t0)
@@ -281,6 +284,8 @@ class MetaTrainer:
             if row["skipped"]:
                 break   # the trajectory may hold non-finite state: start a fresh one
         self.meta_epoch += 1
+        if self.bad_in_row >= self.s.max_bad_steps:
+            raise ReplicateDiverged(f"{self.bad_in_row} non-finite meta-iterations in a row", rows)
         return rows
 
     # ------------------------------------------------------------------ validation
