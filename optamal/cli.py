@@ -211,14 +211,16 @@ def report_cmd(
         "--reference", help="Optimizer Fig. 1 is drawn relative to (default choice-large).")] = None,
     formats: Annotated[Optional[str], typer.Option(
         "--formats", help="Figure formats, comma-separated (png required; default png,pdf).")] = None,
-    profile: Profile = "quick", seed: Seed = 0, set_: Sets = None,
+    no_figures: Annotated[bool, typer.Option("--no-figures", help="Statistics and tables only.")] = False,
+    set_: Sets = None,
 ) -> None:
     """Statistics (mixed effects, stability), the paper's figures and tables from run folders."""
     from optamal.config import parse_name_list
     from optamal.report_config import ReportConfig
 
-    cfg = ReportConfig.build(profile, dict(source=source, out=out, reference=reference,
-                                           formats=parse_name_list(formats), seed=seed), set_)
+    cfg = ReportConfig.build("quick", dict(source=source, out=out, reference=reference,
+                                           formats=parse_name_list(formats),
+                                           figures=False if no_figures else None), set_)
     from optamal.commands.report import report
 
     print(report(cfg).path / "report.md")
@@ -229,7 +231,9 @@ def pipeline_cmd(
     sweep: Annotated[str, typer.Option(
         "--sweep", help="main: choice + RNNProp baseline; full: also every run Figs. 1 and 6 need.")] = "main",
     pool: Pool = "large",
-    lrs: Lrs = None,
+    lrs: Annotated[Optional[str], typer.Option(
+        "--lrs", help="Skip tune-lr and use these teacher rates: a tune-lr run folder, lrs.json "
+                      "or 'paper' (default: run tune-lr).")] = None,
     problems: Annotated[Optional[str], typer.Option(
         "--problems", help="Evaluation problems, comma-separated (default: the profile's).")] = None,
     replicates: Replicates = None,

@@ -6,16 +6,20 @@ RNNProp baseline) → evaluate (the learned runs, the choice teacher and the tun
 so running the same command again resumes). Each step is the ordinary command function
 with ``runs_dir`` set to that folder, so steps find their prerequisites there and nowhere
 else. ``--sweep full`` adds the runs behind Fig. 1 (mean / min-max / choice on both pools)
-and Fig. 6 (random and adversarial perturbations at the paper's magnitudes).
+Fig. 2's other learned baselines (DM, Scale, imitation of one teacher) and Fig. 6 (random
+and adversarial perturbations at the paper's magnitudes).
 
 Resume: the pipeline manifest records each step's run folder. A step is skipped when its
 run is ``completed`` and none of the steps it depends on ran again in this invocation;
-a failed or interrupted step is run afresh in a new folder (``<key>-2``, ...), the old
-one kept.
+an interrupted train-choice, distill or evaluate step continues in its own folder from its
+checkpoints (their ``--resume``); a failed step runs afresh in a new folder (``<key>-2``,
+...), the old one kept. Either way everything downstream runs again.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +33,7 @@ from optamal.runs import Run, _now
 
 #: Pipeline config fields that define the results: a resume must not change them.
 IDENTITY_FIELDS = ("profile", "sweep", "pool", "lrs", "problems", "replicates", "repeats",
-                   "epochs", "seed", "step_sets", "dataset")
+                   "epochs", "seed", "step_sets")
 
 #: Fig. 6 grid (METHOD §6): random σ and adversarial ε.
 RANDOM_MAGNITUDES = (5e-4, 1e-3, 2e-3, 5e-3, 1e-2)
@@ -77,6 +81,17 @@ def plan(cfg: PipelineConfig) -> list[Step]:
                       lambda p: dict(scheme="none", pool=pool, lrs=lrs(p), replicates=cfg.replicates),
                       "RNNProp baseline, meta loss only"))
     if cfg.sweep == "full":
+        # The other learned baselines of Fig. 2: L2O-DM ("Original"), Scale, and "Stronger
+        # Baselines" (RNNProp + curriculum + imitation of one teacher, Chen et al. 2020).
+        for policy in ("dm", "scale"):
+            steps.append(Step(f"distill-none-{policy}", "distill", lrs_dep,
+                              lambda p, pol=policy: dict(scheme="none", policy=pol, pool=pool,
+                                                         lrs=lrs(p), replicates=cfg.replicates),
+                              f"{policy} baseline, meta loss only"))
+        steps.append(Step("distill-mean-adam", "distill", lrs_dep,
+                          lambda p: dict(scheme="mean", pool="small", teachers=("adam",),
+                                         lrs=lrs(p), replicates=cfg.replicates),
+                          "Stronger Baselines: imitation of Adam alone"))
         for q in ("small", "large"):
             for scheme in ("mean", "minmax"):
                 steps.append(Step(f"distill-{scheme}-{q}", "distill", lrs_dep,
@@ -104,9 +119,10 @@ def plan(cfg: PipelineConfig) -> list[Step]:
     return steps
 
 
-def _config_for(step: Step, cfg: PipelineConfig, root: Path, paths: dict[str, str], name: str):
+def _config_for(step: Step, cfg: PipelineConfig, root: Path, paths: dict[str, str], name: str,
+                resume: str | None = None):
     """The step's validated config: its profile, the pipeline's per-profile sizes, the
-    step's fields, then ``--step-set`` overrides."""
+    step's fields, then ``--step-set`` overrides (``resume``: continue that run folder)."""
     if step.kind == "report":
         return ReportConfig.build(cfg.profile, dict(
             source=str(root), out=str(root / "report" / name), seed=cfg.seed, device=cfg.device,
@@ -121,6 +137,8 @@ def _config_for(step: Step, cfg: PipelineConfig, root: Path, paths: dict[str, st
     values.update({k: v for k, v in step.fields(paths).items() if v is not None})
     values.update(seed=cfg.seed, device=cfg.device, runs_dir=str(root), name=name,
                   data_root=cfg.data_root, download=cfg.download or None)
+    if resume:
+        values["resume"] = resume
     sets = [rest for head, rest in map(step_sets_for, cfg.step_sets) if head == step.kind]
     return cls.build(cfg.profile, values, sets)
 
@@ -158,6 +176,18 @@ def _free_name(root: Path, kind: str, key: str) -> str:
     return name
 
 
+def _resumable(step: Step, path: str | None) -> str | None:
+    """The step's earlier run folder if it can be continued: an interrupted (or killed:
+    still "running") train-choice, distill or evaluate run. Failed runs start afresh."""
+    if step.kind not in ("train-choice", "distill", "evaluate") or not path:
+        return None
+    try:
+        status = Run.load(path).status
+    except OptamalError:
+        return None
+    return path if status in ("interrupted", "running") else None
+
+
 def _completed(path: str | None) -> bool:
     if not path or not Path(path).is_dir():
         return False
@@ -189,18 +219,39 @@ def _open_pipeline(cfg: PipelineConfig, root: Path) -> Run:
                 f"pipeline {root} was started with {k}={old.get(k)!r}, this call has "
                 f"{k}={new.get(k)!r}: repeat the original options to resume it, or pass "
                 f"--name NEW for a separate pipeline")
-        run.manifest.update(status="running", ended=None, error=None,
+        other = run.manifest.get("pid")
+        if run.status == "running" and run.manifest.get("host") == socket.gethostname() \
+                and isinstance(other, int) and other != os.getpid() and _alive(other):
+            raise OptamalError(f"pipeline {root} is already running (process {other}); wait for "
+                               "it, or stop it, before resuming")
+        run.manifest.update(status="running", ended=None, error=None, pid=os.getpid(),
+                            host=socket.gethostname(),
                             resumed=run.manifest.get("resumed", []) + [_now()])
         run.save_manifest()
         return run
     return Run.create(cfg.runs_dir, "pipeline", cfg_d, name=cfg.run_name, seed=cfg.seed,
-                      device=cfg.device, extra={"steps": {}})
+                      device=cfg.device, extra={"steps": {}, "pid": os.getpid()})
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def pipeline(cfg: PipelineConfig) -> Run | None:
     """Run (or resume) the pipeline; returns its run (None for ``dry_run``)."""
     root = Path(cfg.runs_dir) / "pipeline" / cfg.run_name
     steps = plan(cfg)
+    # Validate on entry: build every step's config (with stand-in paths for the runs that
+    # do not exist yet), so a bad --step-set fails now, not an hour into the pipeline.
+    stand_in = {s.key: str(root / s.kind / "pending") for s in steps}
+    for s in steps:
+        _config_for(s, cfg, root, stand_in, "check")
     if cfg.dry_run:
         _print_plan(cfg, root, steps)
         return None
@@ -224,11 +275,18 @@ def pipeline(cfg: PipelineConfig) -> Run | None:
             if rec.get("run") and fresh_deps:
                 console.print(f"[{i}/{len(steps)}] {step.key}: re-running because "
                               f"{', '.join(fresh_deps)} ran again")
-            name = _free_name(root, step.kind, step.key)
-            step_cfg = _config_for(step, cfg, root, paths, name)
-            console.rule(f"[bold][{i}/{len(steps)}] {step.key}[/bold] — {step.what}")
+            target = None if fresh_deps else _resumable(step, rec.get("run"))
+            if target:   # interrupted meta-training / evaluation: continue from its checkpoints
+                name = Path(target).name
+                step_cfg = _config_for(step, cfg, root, paths, name, resume=target)
+                console.rule(f"[bold][{i}/{len(steps)}] {step.key}[/bold] — resuming {target}")
+            else:
+                name = _free_name(root, step.kind, step.key)
+                step_cfg = _config_for(step, cfg, root, paths, name)
+                console.rule(f"[bold][{i}/{len(steps)}] {step.key}[/bold] — {step.what}")
             records[step.key] = rec = {"kind": step.kind, "run": str(root / step.kind / name),
-                                       "status": "running", "started": _now(), "skipped": False}
+                                       "status": "running", "started": _now(), "skipped": False,
+                                       "resumed": bool(target)}
             run.save_manifest()
             t0 = time.perf_counter()
             try:
@@ -248,17 +306,21 @@ def pipeline(cfg: PipelineConfig) -> Run | None:
                           f"(pipeline {elapsed / 60:.1f} min so far)")
             run.save_manifest()
         run.manifest["report"] = paths.get("report")
-        _print_steps(steps, records)
+        # wall_seconds spans every invocation (and the pauses between them); these do not.
+        run.manifest["steps_seconds"] = round(sum(float(r.get("seconds") or 0)
+                                                  for r in records.values()), 1)
+        run.manifest["invocation_seconds"] = round(time.perf_counter() - t_all, 1)
+        _print_steps(steps, records, root)
     rep = paths.get("report")
     if rep:
         out(str(Path(rep) / "report.md"))
     return run
 
 
-def _print_steps(steps: list[Step], records: dict[str, dict[str, Any]]) -> None:
+def _print_steps(steps: list[Step], records: dict[str, dict[str, Any]], root: Path) -> None:
     from rich.table import Table
 
-    table = Table(title="pipeline steps")
+    table = Table(title=f"pipeline steps (runs under {root})")
     for col in ("step", "status", "seconds", "run"):
         table.add_column(col, justify="right" if col == "seconds" else "left")
     total = 0.0
@@ -267,7 +329,9 @@ def _print_steps(steps: list[Step], records: dict[str, dict[str, Any]]) -> None:
         secs = float(rec.get("seconds") or 0)
         total += secs
         st = "skipped (done)" if rec.get("skipped") else rec.get("status", "—")
-        table.add_row(s.key, st, f"{secs:.0f}", rec.get("run", "—"))
+        run_path = rec.get("run")
+        shown = os.path.relpath(run_path, root) if run_path else "—"
+        table.add_row(s.key, st, f"{secs:.0f}", shown)
     table.add_row("total", "", f"{total:.0f}", "")
     console.print(table)
 
@@ -286,7 +350,8 @@ def _print_plan(cfg: PipelineConfig, root: Path, steps: list[Step]) -> None:
         table.add_column(col)
     for i, s in enumerate(steps, 1):
         done = _completed(records.get(s.key, {}).get("run"))
-        table.add_row(str(i), s.key, s.kind, ", ".join(s.deps) or "—",
+        needs = ", ".join(s.deps) if len(s.deps) <= 3 else f"{len(s.deps)} earlier steps"
+        table.add_row(str(i), s.key, s.kind, needs or "—",
                       "completed (would skip)" if done else "to run")
     console.print(table)
     for s in steps:

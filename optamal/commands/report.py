@@ -20,7 +20,8 @@ from optamal import __version__
 from optamal.console import console, progress, warn
 from optamal.errors import OptamalError
 from optamal.report_config import ReportConfig
-from optamal.runs import SCHEMA_VERSION, Run, _now, _versions, atomic_write_csv, atomic_write_json, atomic_write_text
+from optamal.runs import (SCHEMA_VERSION, Run, _now, atomic_write_csv, atomic_write_json,
+                          atomic_write_text)
 
 
 def _create_run(out: Path, cfg: ReportConfig, extra: dict[str, Any]) -> Run:
@@ -33,12 +34,20 @@ def _create_run(out: Path, cfg: ReportConfig, extra: dict[str, Any]) -> Run:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OptamalError(f"cannot create output folder {out}: {exc.strerror}") from None
+    import platform
     import socket
+    from importlib import metadata
 
+    versions = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("pandas", "statsmodels", "scipy", "matplotlib"):   # no torch import: fast
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
     manifest = {"schema_version": SCHEMA_VERSION, "optamal_version": __version__,
                 "command": "report", "name": out.name, "argv": list(sys.argv),
                 "config": cfg.to_dict(), "seed": cfg.seed, "device": "cpu",
-                "versions": _versions(), "host": socket.gethostname(), "started": _now(),
+                "versions": versions, "host": socket.gethostname(), "started": _now(),
                 "ended": None, "status": "running", "error": None, **extra}
     run = Run(out, manifest)
     run.save_manifest()
@@ -61,9 +70,7 @@ def report(cfg: ReportConfig) -> Run:
 
     source = Path(cfg.source)
     console.print(f"report: reading runs under {source}")
-    data = rp.load(source)
-    for w in data.warnings:
-        warn(w)
+    data = rp.load(source, on_warning=warn)
     learned = data.optimizers[data.optimizers.kind == "learned"].optimizer
     reps = data.evals[data.evals.optimizer.isin(learned)].groupby("optimizer").replicate.nunique()
     notices = []
@@ -96,6 +103,9 @@ def report(cfg: ReportConfig) -> Run:
             atomic_write_text(out / "summary.md", "# Summary\n\n" + _summary_intro(cfg) + "\n"
                               + rp.markdown_table(rp.summary_display(summary)))
             plans = rp.figure_plans(data, summary, cfg.reference, cfg.max_curves)
+            if not cfg.figures:
+                plans = [rp.FigurePlan(p.key, p.stem, p.title, None, "figures turned off (--no-figures)")
+                         for p in plans]
             ftask = bar.add_task("figures", total=len(plans), status="")
             drawn: dict[str, list[str]] = {}
             failed: dict[str, str] = {}
@@ -222,20 +232,34 @@ def _report_md(cfg, data, summary, plans, drawn, failed, cost, stab, notices) ->
 
 
 def _headline(summary) -> None:
-    from rich.table import Table
+    """The headline numbers on the terminal: per problem, the learned optimizers and the
+    oracle (compact enough for 80 columns)."""
+    import math
 
-    from optamal.report import _fmt
+    from rich import box
+    from rich.table import Table
 
     head = summary[(summary.kind == "learned") | summary.oracle].sort_values(["problem", "val_mu"])
     if head.empty:
         head = summary.sort_values(["problem", "val_mu"])
-    table = Table(title="report: best log validation loss (μ, 95% CI; lower is better)")
-    for col in ("problem", "optimizer", "μ [95% CI]", "σ_α", "σ_ε", "σ_η", "acc", "rep/eval/div"):
-        table.add_column(col, justify="left" if col in ("problem", "optimizer") else "right",
-                         no_wrap=col in ("problem", "optimizer"))
-    for _, r in head.iterrows():
-        table.add_row(r.problem, r.optimizer + (" (oracle)" if r.oracle else ""),
-                      f"{_fmt(r.val_mu, 3)} [{_fmt(r.val_ci_low, 3)}, {_fmt(r.val_ci_high, 3)}]",
-                      _fmt(r.sigma_alpha, 3), _fmt(r.sigma_eps, 3), _fmt(r.sigma_eta, 3),
-                      _fmt(r.best_val_acc, 3), f"{r.replicates}/{r.evaluations}/{r.diverged}")
+
+    def g(v: float, spec: str = ".2g") -> str:
+        return format(v, spec) if isinstance(v, float) and math.isfinite(v) else "—"
+
+    table = Table(title="best log val loss μ ± 95% CI (lower is better)", box=box.SIMPLE_HEAD,
+                  title_justify="left", pad_edge=False)
+    width = max(len(o) for o in head.optimizer) + 4
+    table.add_column("optimizer", overflow="fold", min_width=min(width, 30))
+    for col in ("μ ± CI", "σ_α", "σ_ε", "σ_η", "acc", "n"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for problem, rows in head.groupby("problem", sort=True):
+        table.add_row(f"[bold]{problem}[/bold]", *[""] * 6)
+        for _, r in rows.iterrows():
+            half = (r.val_ci_high - r.val_ci_low) / 2
+            table.add_row("  " + r.optimizer + (" ★" if r.oracle else ""),
+                          f"{g(r.val_mu, '.3f')}±{g(half, '.2f')}", g(r.sigma_alpha),
+                          g(r.sigma_eps), g(r.sigma_eta), g(r.best_val_acc, ".2f"),
+                          f"{r.replicates}/{r.evaluations}" + (f" {r.diverged}d" if r.diverged else ""))
     console.print(table)
+    console.print("★ oracle (best teacher) · n: replicates/evaluations (d: diverged) · "
+                  "σ_α meta-, σ_ε evaluation-, σ_η optimization stability")
