@@ -50,6 +50,10 @@ class AmalgamatedOptimizer(torch.optim.Optimizer):
             policy = default_policy_path()
         self.policy_file = str(policy_path(policy))
         self.net, self.header = load_policy(self.policy_file)
+        if self.header.get("kind") not in ("rnnprop", "dm", "choice"):
+            raise OptamalError(f"AmalgamatedOptimizer runs rnnprop, dm and choice policies; "
+                               f"{self.policy_file} is a {self.header.get('kind')} policy "
+                               "(evaluate it with `optamal evaluate`)")
         self.warmup_steps, self.warmup_lr = int(warmup_steps), float(warmup_lr)
         self._flat: dict[str, torch.Tensor] | None = None
         self._rule = None

@@ -272,7 +272,10 @@ def evaluate(cfg: EvaluateConfig) -> Run:
                   f"{cfg.repeats} evaluation(s) × {cfg.epochs} epoch(s); {all_cells} cell(s) to run"
                   f"{f', {len(done)} already done' if done else ''} → {run.path}")
     cfg_d = cfg.to_dict()
-    workers = cfg.workers or ((os.cpu_count() or 1) if len(cells) * cfg.epochs >= 8 else 1)
+    # Workers pay once each has several seconds of work: spawning one and importing torch
+    # costs ~3–5 s, and two 1-thread workers then run ~1.3× faster than one 2-thread
+    # process (benchmarks/). A 12-cell × 2-epoch sweep measured 0.65× with workers.
+    workers = cfg.workers or ((os.cpu_count() or 1) if len(cells) * cfg.epochs >= 64 else 1)
     workers = max(1, min(workers, len(cells) or 1))
     if device == "cuda" or world_size > 1:
         workers = 1
