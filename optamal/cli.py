@@ -264,7 +264,18 @@ def pipeline_cmd(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the app, turning user errors into one line and exit code 2."""
+    """Entry point: run the app, turning user errors into one line and exit code 2.
+
+    SIGTERM is handled like Ctrl-C: the run in progress is marked ``interrupted``."""
+    import signal
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:   # not the main thread (embedded use): leave signals alone
+        pass
     try:
         app(args=argv, standalone_mode=False)
     except OptamalError as exc:

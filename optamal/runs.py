@@ -250,7 +250,7 @@ class Run:
         try:
             yield self
         except KeyboardInterrupt:
-            self._finish_quietly("interrupted", "interrupted by the user (Ctrl-C)")
+            self._finish_quietly("interrupted", "interrupted (Ctrl-C or SIGTERM); the run folder keeps what was written")
             raise
         except OptamalError as exc:
             self._finish_quietly("failed", str(exc))
