@@ -352,3 +352,24 @@ def test_roles_amalgamated_baselines_and_choice_teacher(full_report):
     assert sorted(rp.baselines(data)) == ["mean-adam", "rnnprop"]
     assert rp.choice_teacher_of(data, "choice-large") == "choice-optimizer-large"
     assert rp.best_amalgamated(summary, ["choice-large", "mean-small"]) in {"choice-large", "mean-small"}
+
+
+def test_an_optimizer_that_always_diverges(tmp_path, capsys):
+    """Every evaluation of one learned optimizer diverged: its μ is undefined ("—"), the
+    figures and tables still come out."""
+    built = build_runs(tmp_path / "runs", replicates=2, evaluations=2, perturbed=False)
+    csv = built["evaluate"] / "evaluations.csv"
+    rows = pd.read_csv(csv)
+    bad = (rows.optimizer == "rnnprop") & (rows.problem == "mlp")
+    rows.loc[bad, ["train_loss", "val_loss", "val_acc"]] = math.nan
+    rows.loc[bad, "diverged"] = True
+    rows.to_csv(csv, index=False)
+    assert _report(tmp_path / "runs", tmp_path / "out", "--formats", "png") == 0
+    assert "Traceback" not in capsys.readouterr().err
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv")
+    r = summary[(summary.optimizer == "rnnprop") & (summary.problem == "mlp")].iloc[0]
+    assert math.isnan(r.val_mu) and r.diverged == r.evaluations == 4 and r.method == "none"
+    t5 = pd.read_csv(tmp_path / "out" / "table5-evaluation-stability.csv").set_index("optimizer")
+    assert t5.loc["rnnprop", "mlp"] == "—"
+    assert (tmp_path / "out" / "fig2-baselines.png").is_file()
+    assert (tmp_path / "out" / "fig5-optimization-stability.png").is_file()
