@@ -118,6 +118,16 @@ class Config:
         return out
 
     # Small validation helpers shared by subclasses ------------------------------------
+    def _pool_and_teachers(self) -> None:
+        """``pool`` must name a pool and ``teachers`` (a subset) known teachers."""
+        from optamal.rules.teachers import TEACHERS
+
+        if self.pool not in POOLS:
+            raise choice_error("pool", self.pool, POOLS)
+        for t in self.teachers:
+            if t not in TEACHERS:
+                raise choice_error("teacher", t, TEACHERS)
+
     def _positive(self, *names: str, allow_zero: bool = False) -> None:
         for n in names:
             v = getattr(self, n)
@@ -178,13 +188,7 @@ class TuneLRConfig(ProblemSizing):
 
     def validate(self) -> None:
         super().validate()
-        from optamal.rules.teachers import TEACHERS
-
-        if self.pool not in POOLS:
-            raise choice_error("pool", self.pool, POOLS)
-        for t in self.teachers:
-            if t not in TEACHERS:
-                raise choice_error("teacher", t, TEACHERS)
+        self._pool_and_teachers()
         self._positive("epochs", "repeats")
         self._positive("workers", allow_zero=True)
         if not self.grid:
@@ -265,13 +269,7 @@ class MetaConfig(ProblemSizing):
 
     def validate(self) -> None:
         super().validate()
-        from optamal.rules.teachers import TEACHERS
-
-        if self.pool not in POOLS:
-            raise choice_error("pool", self.pool, POOLS)
-        for t in self.teachers:
-            if t not in TEACHERS:
-                raise choice_error("teacher", t, TEACHERS)
+        self._pool_and_teachers()
         if self.meta_gradient not in META_GRADIENTS:
             raise choice_error("meta-gradient", self.meta_gradient, META_GRADIENTS)
         self._positive("truncation", "meta_batch", "meta_lr", "clip_ratio", "validate_every",
