@@ -122,6 +122,9 @@ def train_choice_cmd(
     teachers: TeachersOpt = None, unrolls: Unrolls = None, truncation: Truncation = None,
     alphas: Alphas = None, meta_batch: MetaBatch = None, meta_gradient: MetaGradient = None,
     replicates: Replicates = None, resume: ResumeOpt = None,
+    multiplier: Annotated[Optional[str], typer.Option(
+        "--multiplier", help="Choice-pool rate = tuned rate × this (a number, or 'ref' for the reference "
+                             "per-teacher multipliers). Default 2.")] = None,
     profile: Profile = "quick", seed: Seed = 0, device: Device = "cpu", runs_dir: RunsDir = "runs",
     name: Name = None, data_root: DataRoot = None, download: Download = False, set_: Sets = None,
 ) -> None:
@@ -130,7 +133,7 @@ def train_choice_cmd(
 
     cfg = ChoiceConfig.build(profile, dict(
         **_meta_overrides(pool, problem, dataset, lrs, teachers, unrolls, truncation, alphas,
-                          meta_batch, meta_gradient, replicates, resume),
+                          meta_batch, meta_gradient, replicates, resume), multiplier=multiplier,
         **_common(profile, seed, device, runs_dir, name, data_root, download)), set_)
     from optamal.commands.train_choice import train_choice
 
@@ -175,7 +178,10 @@ def distill_cmd(
 @app.command("evaluate")
 def evaluate_cmd(
     runs: Annotated[Optional[list[str]], typer.Argument(
-        help="Learned runs to evaluate: distill/train-choice run folders, replicate folders, policy files or globs.")] = None,
+        help="Learned runs to evaluate: distill/train-choice run folders, replicate folders, policy files, "
+             "globs, or 'pretrained' (the policy shipped with optamal).")] = None,
+    learned: Annotated[Optional[list[str]], typer.Option(
+        "--learned", help="A learned run to evaluate (repeatable); same forms as RUNS, e.g. --learned pretrained.")] = None,
     problems: Annotated[Optional[str], typer.Option(
         "--problems", help="Comma-separated problems (default: every problem whose data are present).")] = None,
     teachers: Annotated[str, typer.Option("--teachers", help="auto | none | comma-separated teachers.")] = "auto",
@@ -192,8 +198,8 @@ def evaluate_cmd(
     from optamal.config import EvaluateConfig, parse_name_list
 
     cfg = EvaluateConfig.build(profile, dict(
-        runs=tuple(runs or ()), problems=parse_name_list(problems), teachers=teachers, lrs=lrs,
-        repeats=repeats, epochs=epochs, workers=workers, resume=resume, dataset=dataset,
+        runs=tuple(runs or ()) + tuple(learned or ()), problems=parse_name_list(problems), teachers=teachers,
+        lrs=lrs, repeats=repeats, epochs=epochs, workers=workers, resume=resume, dataset=dataset,
         **_common(profile, seed, device, runs_dir, name, data_root, download)), set_)
     from optamal.commands.evaluate import evaluate
 

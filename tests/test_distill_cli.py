@@ -108,12 +108,13 @@ def chain(tmp_path_factory, mnist5k_root):
     man["started"] = "2000-01-01T00:00:00+00:00"
     (old / "manifest.json").write_text(json.dumps(man))
     rcs.append(cli("distill", "--scheme", "choice", "--pool", "large", "--name", "d", *base))
+    rcs.append(cli("train-choice", "--pool", "large", "--name", "c-ref", "--multiplier", "ref", *base))
     return rcs, runs
 
 
 def test_chain_finds_latest_prerequisites(chain):
     rcs, runs = chain
-    assert rcs == [0, 0, 0]
+    assert rcs == [0, 0, 0, 0]
     tune, choice, dist = (runs / "tune-lr" / "t", runs / "train-choice" / "c", runs / "distill" / "d")
     selected = load_lrs(tune)
     assert set(selected) == set(LARGE_POOL)
@@ -126,7 +127,13 @@ def test_chain_finds_latest_prerequisites(chain):
     tuned = cheader["tuned_lrs"]
     for t, rate in zip(LARGE_POOL, cheader["lrs"]):
         assert tuned[t] == selected[t]
-        # "tuned rate × pool multiplier", the multiplier making paper rates the *ref* rates
+        # "tuned rate × pool multiplier": 2 for every teacher by default
+        assert rate == pytest.approx(tuned[t] * 2.0, rel=1e-12)
+    assert cheader["multipliers"] == {t: 2.0 for t in LARGE_POOL}
+    assert json.loads((choice / "config.json").read_text())["random_scaling"] is False
+    # --multiplier ref: the multiplier that makes paper rates the *ref* choice rates
+    _, ref_header = load_policy(runs / "train-choice" / "c-ref" / "replicate-0" / "policy.pt")
+    for t, rate in zip(LARGE_POOL, ref_header["lrs"]):
         assert rate == pytest.approx(tuned[t] * CHOICE_LRS_REF[t] / _paper(t), rel=1e-12)
 
     dman = manifest(dist)

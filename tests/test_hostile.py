@@ -209,6 +209,8 @@ CASES = [
     ("truncation-negative", distill("--truncation", "-5"), "truncation must be > 0, got -5"),
     ("meta-batch-zero", distill("--meta-batch", "0"), "meta-batch must be > 0, got 0"),
     ("magnitude-zero", distill("--perturb", "random", "--magnitude", "0"), "--magnitude must be > 0"),
+    ("choice-multiplier", command("train-choice", "--lrs", "paper", "--multiplier", "big"),
+     "--multiplier must be a positive number or 'ref', got 'big'"),
     ("unrolls-not-a-number", distill("--unrolls", "10,x"), "invalid number 'x' in --unrolls"),
     ("unroll-truncation-mismatch", distill("--unrolls", "25", "--truncation", "10"),
      "unroll 25 is not divisible by truncation 10"),

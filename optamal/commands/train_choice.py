@@ -1,7 +1,8 @@
 """``optamal train-choice``: train the choice optimizer on meta loss alone (METHOD §4).
 
-Its teachers run at "tuned rate × pool multiplier" (*ref* choice rates at the paper's
-rates), recorded in the policy header. The result is the single teacher of
+Its teachers run at "tuned rate × pool multiplier" (default 2 for every teacher;
+``--multiplier ref`` gives the *ref* choice rates at the paper's rates), recorded in the
+policy header. The result is the single teacher of
 ``distill --scheme choice``.
 """
 
@@ -18,7 +19,7 @@ from optamal.runs import Run
 def train_choice(cfg: ChoiceConfig) -> Run:
     from optamal.policies import make_rule
     from optamal.rules.choice import ChoiceNet
-    from optamal.rules.teachers import CHOICE_MULTIPLIERS, pool_members
+    from optamal.rules.teachers import pool_members
 
     rank, world_size = world()   # joins the process group under torchrun
     resumed = None
@@ -27,11 +28,12 @@ def train_choice(cfg: ChoiceConfig) -> Run:
     device = device_for(cfg)
     names = list(cfg.teachers) if cfg.teachers else list(pool_members(cfg.pool))
     tuned, source = resolve_lrs(cfg, names)
-    rates = [tuned[t] * CHOICE_MULTIPLIERS[t] for t in names]
+    multipliers = cfg.multipliers(names)
+    rates = [tuned[t] * multipliers[t] for t in names]
     problem = problem_for(cfg, device)
     settings = settings_for(cfg, scheme="none")
     header = {"kind": "choice", "hidden": 20, "teachers": names, "lrs": rates,
-              "tuned_lrs": tuned, "multipliers": {t: CHOICE_MULTIPLIERS[t] for t in names},
+              "tuned_lrs": tuned, "multipliers": multipliers,
               "pool": cfg.pool, "problem": problem.name, "dataset": problem.dataset.name,
               "meta_gradient": cfg.meta_gradient}
     main = is_main()
