@@ -8,6 +8,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -347,3 +348,26 @@ def test_bad_inputs_are_one_error_line(env, tmp_path, capsys, case):
     line = _one_error_line(capsys.readouterr().err)
     assert rc == 2 and expect in line, line
     assert not (tmp_path / "runs").exists()
+
+
+def test_learned_pretrained_evaluates_the_shipped_policy_with_its_own_rates(env, tmp_path):
+    # `--learned pretrained`: the policy inside the package, evaluated like any run; with no
+    # --lrs and no tune-lr run in the runs dir, the teachers take the rates it was trained
+    # with (optamal/pretrained/lrs.json).
+    from optamal.pretrained import DEFAULT_POLICY, PRETRAINED_DIR
+
+    runs = tmp_path / "runs"
+    rc = main(["evaluate", "--learned", "pretrained", *SMOKE, "--problems", "mlp", "--repeats", "1",
+               "--teachers", "adam", "--runs-dir", str(runs), "--data-root", str(env["data"]),
+               "--workers", "1", "--name", "pre"])
+    assert rc == 0
+    path = runs / "evaluate" / "pre"
+    df = _csv(path)
+    assert set(df.optimizer) == {"pretrained", "adam"}
+    assert np.isfinite(df.val_loss).all()
+    man = _manifest(path)
+    learned = [e for e in man["entries"] if e["kind"] == "learned"]
+    assert [e["policy"] for e in learned] == [str(DEFAULT_POLICY.resolve())]
+    shipped = json.loads((PRETRAINED_DIR / "lrs.json").read_text())["lrs"]
+    adam = [e for e in man["entries"] if e["optimizer"] == "adam"]
+    assert adam[0]["lr"] == shipped["adam"] and adam[0]["run"] == "pretrained"

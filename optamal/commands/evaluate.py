@@ -49,13 +49,28 @@ def optimizer_label(header: dict[str, Any]) -> str:
     return label
 
 
+#: ``--learned pretrained`` (or ``optamal evaluate pretrained``): the policy shipped in the package.
+PRETRAINED = "pretrained"
+
+
 def learned_entries(specs: tuple[str, ...]) -> tuple[list[dict[str, Any]], list[Path]]:
-    """Expand run folders / replicate folders / policy files / globs into entries."""
+    """Expand run folders / replicate folders / policy files / globs (and the word
+    ``pretrained``, the policy shipped in the package) into entries."""
     from optamal.policies import load_policy
 
     entries: list[dict[str, Any]] = []
     run_dirs: list[Path] = []
     for spec in specs:
+        if spec == PRETRAINED:   # the policy shipped inside the package
+            from optamal.pretrained import PRETRAINED_DIR, default_policy_path
+
+            pol = default_policy_path()
+            load_policy(pol)
+            run_dirs.append(PRETRAINED_DIR)
+            entries.append(dict(optimizer=PRETRAINED, kind="learned", run=PRETRAINED,
+                                run_path=str(PRETRAINED_DIR.resolve()), replicate=0,
+                                policy=str(pol.resolve())))
+            continue
         paths = sorted(glob.glob(spec)) if any(c in spec for c in "*?[") else [spec]
         if not paths:
             raise OptamalError(f"no run matches {spec!r}")
@@ -97,13 +112,18 @@ def teacher_entries(cfg: EvaluateConfig, run_dirs: list[Path]) -> tuple[list[dic
     else:
         lrs = None
         for rd in run_dirs:   # the rates the learned runs were trained with
+            if (rd / "lrs.json").is_file():   # a folder that carries them (the shipped policy)
+                cand = load_lrs(rd / "lrs.json")
+                if all(cand.get(t) is not None for t in names):
+                    lrs, source = cand, str((rd / "lrs.json").resolve())
+                    break
             try:
                 pre = read_json(rd / "manifest.json", "manifest").get("prerequisites", {})
             except OptamalError:
                 continue
             if pre.get("lrs") == "paper":
                 lrs, source = dict(PAPER_LRS), "paper"
-            elif pre.get("lrs"):
+            elif pre.get("lrs") and Path(pre["lrs"]).exists():
                 cand = load_lrs(pre["lrs"])
                 if all(cand.get(t) is not None for t in names):
                     lrs, source = cand, str(Path(pre["lrs"]).resolve())
