@@ -56,3 +56,21 @@ def test_engine_example_runs(policy, mnist5k_root, monkeypatch, capsys):
     printed = capsys.readouterr().out.splitlines()
     assert [ln.split()[0] for ln in printed] == ["adam", "rnnprop"]
     assert len(ns["records"]) == 2 and not any(r.diverged for r in ns["records"])
+
+
+def test_readme_training_loop_block_runs_with_the_shipped_policy():
+    # README's "Use it in your training loop": the three lines, as written, on a model.
+    readme = (API_MD.parents[1] / "README.md").read_text()
+    section = readme.split("## Use it in your training loop", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"^```python\n(.*?)^```", section, flags=re.S | re.M)
+    assert len(blocks) == 1 and len(blocks[0].strip().splitlines()) == 3
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    ns = dict(model=model, loss_fn=torch.nn.functional.cross_entropy,
+              x=torch.randn(8, 4), y=torch.randint(0, 2, (8,)))
+    exec(compile(blocks[0], "README.md", "exec"), ns)
+    from optamal.pretrained import DEFAULT_POLICY
+
+    assert ns["opt"].policy_file == str(DEFAULT_POLICY)
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))

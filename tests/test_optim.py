@@ -398,17 +398,52 @@ def test_refuses_a_policy_for_another_architecture(tmp_path):
         load_policy(path)
 
 
-def test_default_policy_is_shipped_or_a_clear_error():
-    from optamal.pretrained import DEFAULT_POLICY
+def test_the_shipped_pretrained_policy_is_loaded_by_default():
+    from optamal.pretrained import DEFAULT_POLICY, PRETRAINED_DIR
+
+    assert DEFAULT_POLICY.is_file(), "optamal/pretrained/default.pt must ship with the package"
+    assert DEFAULT_POLICY.stat().st_size < 200_000   # a few tens of kB of weights, nothing else
+    net, header = load_policy(DEFAULT_POLICY)   # weights-only format: loads with weights_only=True
+    # what issue 6 promises: choice amalgamation of the large pool on the train problem
+    assert (header["kind"], header["scheme"], header["pool"], header["problem"]) == \
+        ("rnnprop", "choice", "large", "train")
+    lrs = json.loads((PRETRAINED_DIR / "lrs.json").read_text())["lrs"]
+    assert set(lrs) == {"sgd", "momentum", "rmsprop", "adam", "addsign", "powersign"}
+    manifest = json.loads((PRETRAINED_DIR / "manifest.json").read_text())
+    assert manifest["command"] == "distill" and manifest["status"] == "completed"
 
     model = _mlp()
-    if DEFAULT_POLICY.is_file():
-        opt = AmalgamatedOptimizer(model.parameters())
-        assert opt.policy_file == str(DEFAULT_POLICY)
-        (x, y), = _batches(1)
-        F.cross_entropy(model(x), y).backward()
+    opt = AmalgamatedOptimizer(model.parameters())
+    assert opt.policy_file == str(DEFAULT_POLICY)
+
+
+def test_pretrained_policy_trains_a_model_with_no_arguments():
+    # The README's three-line usage on a task the policy never saw: it must actually learn
+    # (an untrained LSTM leaves this loss where it starts).
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 10, generator=g)
+    y = (x @ torch.randn(10, generator=g) > 0).long()
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 2))
+    opt = AmalgamatedOptimizer(model.parameters())
+    with torch.no_grad():
+        initial = F.cross_entropy(model(x), y).item()
+    perm = torch.Generator().manual_seed(2)
+    for _ in range(300):
+        idx = torch.randint(0, 512, (64,), generator=perm)
+        opt.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
         opt.step()
-        assert torch.isfinite(_flat(model)).all()
-    else:
-        with pytest.raises(OptamalError, match="pretrained policy"):
-            AmalgamatedOptimizer(model.parameters())
+    with torch.no_grad():
+        final = F.cross_entropy(model(x), y).item()
+        acc = (model(x).argmax(1) == y).float().mean().item()
+    assert final < 0.5 * initial, (initial, final)
+    assert acc > 0.9
+
+
+def test_a_build_without_the_pretrained_policy_says_so(monkeypatch, tmp_path):
+    import optamal.pretrained
+
+    monkeypatch.setattr(optamal.pretrained, "DEFAULT_POLICY", tmp_path / "default.pt")
+    with pytest.raises(OptamalError, match="ships no pretrained policy"):
+        AmalgamatedOptimizer(_mlp().parameters())

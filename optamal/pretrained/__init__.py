@@ -1,7 +1,9 @@
 """The pretrained amalgamated policy shipped with the package (when present).
 
 ``AmalgamatedOptimizer(params)`` without a ``policy`` loads ``default.pt`` from this
-folder. Its provenance (commands, seeds, wall time) is recorded in README.md here.
+folder. Its provenance (commands, seeds, wall time) is recorded in README.md here, with
+the distill run's manifest (``manifest.json``) and the tuned teacher rates it was trained
+with (``lrs.json``, used by ``optamal evaluate pretrained`` for the teachers).
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from pathlib import Path
 
 from optamal.errors import OptamalError
 
-DEFAULT_POLICY = Path(__file__).with_name("default.pt")
+PRETRAINED_DIR = Path(__file__).parent
+DEFAULT_POLICY = PRETRAINED_DIR / "default.pt"
 
 
 def default_policy_path() -> Path:
