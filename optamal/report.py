@@ -768,7 +768,9 @@ def figure_plans(data: ReportData, summary: pd.DataFrame, reference: str,
                                 f"baselines: {', '.join(base) or 'none'}). Run `optamal distill "
                                 "--scheme none` (RNNProp) and `optamal distill --scheme choice`, "
                                 "then evaluate both"))
-    best = best_amalgamated(summary, amalg)
+    # Fig. 3 shows the best amalgamated optimizer; when every evaluated one was trained with
+    # perturbations (the shipped pretrained policy, say), the best perturbed one.
+    best = best_amalgamated(summary, amalg or amalgamated(data, perturbed=True))
     orc = summary[summary.oracle].set_index("problem").optimizer.to_dict()
     if best and orc and epochs >= 2:
         teacher = choice_teacher_of(data, best)

@@ -373,3 +373,26 @@ def test_an_optimizer_that_always_diverges(tmp_path, capsys):
     assert t5.loc["rnnprop", "mlp"] == "—"
     assert (tmp_path / "out" / "fig2-baselines.png").is_file()
     assert (tmp_path / "out" / "fig5-optimization-stability.png").is_file()
+
+
+def test_fig3_shows_a_perturbed_amalgamated_optimizer_when_it_is_the_only_one(tmp_path):
+    # e.g. `optamal evaluate --learned pretrained`: the shipped policy was distilled with
+    # random perturbations, and no unperturbed student is evaluated beside it.
+    root = tmp_path / "runs"
+    built = build_runs(root, replicates=2, evaluations=3)
+    ev = built["evaluate"]
+    keep = {"choice-optimizer-large", "choice-large-random0.001", *TEACHERS}
+    rows = built["rows"][built["rows"].optimizer.isin(keep)]
+    rows.to_csv(ev / "evaluations.csv", index=False)
+    manifest = json.loads((ev / "manifest.json").read_text())
+    manifest["entries"] = [e for e in manifest["entries"] if e["optimizer"] in keep]
+    (ev / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "report"
+    assert _report(root, out) == 0
+    assert (out / "fig3-curves.png").read_bytes()[:8] == PNG_MAGIC
+    assert "3" in json.loads((out / "manifest.json").read_text())["figures"]
+    # it is found as a perturbed amalgamated optimizer, not as an unperturbed one
+    from optamal.report import amalgamated, load
+
+    data = load(root)
+    assert amalgamated(data) == [] and amalgamated(data, perturbed=True) == ["choice-large-random0.001"]
