@@ -666,6 +666,61 @@ def summary_display(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def comparison_references(data: ReportData, summary: pd.DataFrame) -> dict[str, dict[str, str]]:
+    """The references each learned optimizer is compared with, per problem: Adam at its
+    tuned rate (when exactly one Adam was evaluated) and the oracle teacher."""
+    refs: dict[str, dict[str, str]] = {}
+    o = data.optimizers
+    adam = list(o.loc[(o.kind == "teacher") & (o.name == "adam"), "optimizer"])
+    if len(adam) == 1:
+        refs["adam"] = {str(p): adam[0] for p in summary.loc[summary.optimizer == adam[0], "problem"]}
+    refs["oracle"] = {str(p): str(n) for p, n in
+                      summary.loc[summary.oracle, ["problem", "optimizer"]].itertuples(index=False)}
+    return refs
+
+
+def comparisons(data: ReportData, summary: pd.DataFrame, resp: pd.DataFrame, *,
+                confidence: float = 0.95, min_groups: int = 5) -> pd.DataFrame:
+    """Paired differences of every learned optimizer's best log validation loss with Adam's
+    and the oracle's (see :func:`optamal.stats.paired_differences`)."""
+    from optamal.stats import paired_differences
+
+    learned = sorted(set(summary.loc[summary.kind == "learned", "optimizer"]))
+    return paired_differences(resp, learned, comparison_references(data, summary),
+                              confidence=confidence, min_groups=min_groups)
+
+
+def comparisons_display(comp: pd.DataFrame) -> pd.DataFrame:
+    """The comparisons table as text: Δ μ [CI], the loss ratio, wins, and a verdict that
+    says whether the interval excludes 0."""
+    rows = []
+    for _, r in comp.sort_values(["optimizer", "role", "problem"]).iterrows():
+        if not (math.isfinite(r.delta_ci_low) and math.isfinite(r.delta_ci_high)):
+            verdict = "no interval"
+        elif r.delta_ci_high < 0:
+            verdict = "better"
+        elif r.delta_ci_low > 0:
+            verdict = "worse"
+        else:
+            verdict = "no clear difference"
+        rows.append({
+            "optimizer": r.optimizer, "vs": f"{r.role} ({r.reference})", "problem": r.problem,
+            "Δ best log val loss μ [95% CI]": f"{_fmt(r.delta_mu)} [{_fmt(r.delta_ci_low)}, {_fmt(r.delta_ci_high)}]",
+            "loss ratio": _fmt(r.ratio, 3), "wins": f"{r.wins}/{r.pairs}",
+            "dropped (diverged)": r.dropped, "verdict": verdict})
+    return pd.DataFrame(rows)
+
+
+COMPARISONS_NOTE = (
+    "Paired comparisons. Evaluation j of every optimizer starts from the same initial weights, "
+    "warmup and data order, so Δ = Y_val(learned) − Y_val(reference) is taken evaluation by "
+    "evaluation (Y_val = log of the best validation loss over epochs) and summarised with the "
+    "same mixed model and interval rules as μ. Δ < 0: the learned optimizer reached a lower "
+    "validation loss; loss ratio = exp(μ_Δ); wins: evaluations where it was lower. Verdict "
+    "\"better\"/\"worse\" when the 95% CI excludes 0. Pairs where either side diverged are "
+    "dropped and counted.\n")
+
+
 def table_cost(data: ReportData) -> pd.DataFrame:
     """Table 4: training cost, from the manifests of every run found."""
     rows = []

@@ -222,6 +222,48 @@ def oracle(summary: pd.DataFrame, teachers: set[str] | list[str]) -> dict[str, s
     return out
 
 
+def paired_differences(resp: pd.DataFrame, learned: list[str], references: dict[str, dict[str, str]],
+                       *, confidence: float = 0.95, min_groups: int = 5) -> pd.DataFrame:
+    """Paired comparisons of learned optimizers with reference optimizers (e.g. Adam, the
+    oracle teacher), on the best log validation loss.
+
+    Evaluation j of every optimizer starts from the same θ0, warmup and data order, so
+    Δ_ij = Y_val(learned, replicate i, evaluation j) − Y_val(reference, evaluation j) removes
+    what the evaluations share. Δ is summarised with :func:`mixed_effects` (groups =
+    replicates, so the interval accounts for replicate-to-replicate variation when there are
+    several). A reference with several replicates enters as its mean over them. Pairs where
+    either side diverged are dropped and counted. ``references`` maps a role (``adam``,
+    ``oracle``) to {problem: reference optimizer}. Δ < 0: the learned optimizer is better;
+    ``ratio`` = exp(μ_Δ) is the ratio of best validation losses."""
+    cols = ["problem", "optimizer", "role", "reference", "pairs", "dropped", "wins",
+            "delta_mu", "delta_ci_low", "delta_ci_high", "ratio", "method", "note"]
+    rows = []
+    for opt in learned:
+        mine = resp[resp.optimizer == opt]
+        for problem in sorted(mine.problem.unique()):
+            a = mine[mine.problem == problem]
+            for role, by_problem in references.items():
+                ref = by_problem.get(problem)
+                if ref is None or ref == opt:
+                    continue
+                r = resp[(resp.optimizer == ref) & (resp.problem == problem)]
+                if r.empty:
+                    continue
+                ref_y = r.groupby("evaluation").best_val.agg(
+                    lambda v: float(v.mean()) if np.all(np.isfinite(v)) else math.nan)
+                d = a[["replicate", "evaluation", "best_val"]].copy()
+                d["delta"] = d.best_val - d.evaluation.map(ref_y)
+                ok = d[np.isfinite(d.delta)]
+                res = mixed_effects(ok, "delta", confidence=confidence, min_groups=min_groups)
+                rows.append(dict(
+                    problem=problem, optimizer=opt, role=role, reference=ref, pairs=len(ok),
+                    dropped=len(d) - len(ok), wins=int((ok.delta < 0).sum()),
+                    delta_mu=res["mu"], delta_ci_low=res["ci_low"], delta_ci_high=res["ci_high"],
+                    ratio=math.exp(res["mu"]) if math.isfinite(res["mu"]) else math.nan,
+                    method=res["method"], note=res["note"]))
+    return pd.DataFrame(rows, columns=cols)
+
+
 def simulate(n_groups: int, n_per: int, sigma_alpha: float, sigma_eps: float, mu: float = 0.0,
              rng: np.random.Generator | None = None) -> pd.DataFrame:
     """Draws from Y_ij = μ + α_i + ε_ij (for tests and for checking coverage)."""

@@ -166,7 +166,8 @@ def test_report_writes_every_output(full_report):
     for stem in ("fig1-schemes", "fig2-baselines", "fig3-curves", "fig4-stability-performance",
                  "fig5-optimization-stability", "fig6-meta-stability"):
         assert f"{stem}.png" in names and f"{stem}.pdf" in names
-    for f in ("summary.csv", "summary.md", "responses.csv", "table4-cost.csv", "table4-cost.md",
+    for f in ("summary.csv", "summary.md", "responses.csv", "comparisons.csv", "table4-cost.csv",
+              "table4-cost.md",
               "table5-evaluation-stability.csv", "table5-evaluation-stability.md", "report.md",
               "manifest.json", "config.json"):
         assert f in names
@@ -277,6 +278,23 @@ def test_one_replicate_reports_with_a_warning(tmp_path, capsys):
     assert not (tmp_path / "out" / "fig6-meta-stability.png").exists()
     md = (tmp_path / "out" / "report.md").read_text()
     assert "Fig. 6" in md and "--replicates 8" in md and "single replicate" in md
+    # paired comparisons with Adam and the oracle, recomputed here from the raw rows
+    comp = pd.read_csv(tmp_path / "out" / "comparisons.csv")
+    rows = pd.read_csv(next((tmp_path / "runs").rglob("evaluations.csv")))
+    best = rows.groupby(["optimizer", "problem", "evaluation"]).val_loss.min().map(math.log)
+    for (opt, role, problem), r in comp.set_index(["optimizer", "role", "problem"]).iterrows():
+        ref = "adam" if role == "adam" else {"train": "adam", "mlp": "sgd"}[problem]
+        assert r.reference == ref
+        d = (best[opt, problem] - best[ref, problem]).to_numpy()
+        assert r.pairs == 3 and r.wins == int((d < 0).sum())
+        assert r.delta_mu == pytest.approx(d.mean(), abs=1e-9)
+        half = sps.t.ppf(0.975, 2) * d.std(ddof=1) / math.sqrt(3)
+        assert r.delta_ci_high - r.delta_ci_low == pytest.approx(2 * half, rel=1e-6)
+    learned = set(summary.loc[summary.kind == "learned", "optimizer"])
+    assert set(comp.optimizer) == learned and set(comp.role) == {"adam", "oracle"}
+    assert len(comp) == 2 * len(learned) * 2                    # 2 roles × 2 problems
+    summary_md = (tmp_path / "out" / "summary.md").read_text()
+    assert "Learned optimizers vs Adam and the oracle" in summary_md and "vs Adam" in md
 
 
 @pytest.mark.parametrize("content", [

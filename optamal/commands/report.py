@@ -5,7 +5,8 @@ the output folder (a run directory with its own manifest), shows progress, write
 files and prints the headline table. Reads nothing but run directories.
 
 Output (``--out``, default ``<source>/report/<timestamp>``): ``report.md`` (figures
-embedded), ``summary.csv`` / ``summary.md``, ``responses.csv`` (one row per evaluation),
+embedded), ``summary.csv`` / ``summary.md`` (with the paired comparisons of learned optimizers
+vs Adam and the oracle, also ``comparisons.csv``), ``responses.csv`` (one row per evaluation),
 ``fig*.png`` (+ ``.pdf``), ``table4-cost.{csv,md}``, ``table5-evaluation-stability.{csv,md}``.
 """
 
@@ -100,8 +101,12 @@ def report(cfg: ReportConfig) -> Run:
                                          on_cell=lambda: bar.advance(task))
             atomic_write_csv(out / "summary.csv", summary)
             atomic_write_csv(out / "responses.csv", resp)
+            comp = rp.comparisons(data, summary, resp, confidence=cfg.confidence,
+                                  min_groups=cfg.min_replicates)
+            atomic_write_csv(out / "comparisons.csv", comp)
             atomic_write_text(out / "summary.md", "# Summary\n\n" + _summary_intro(cfg) + "\n"
-                              + rp.markdown_table(rp.summary_display(summary)))
+                              + rp.markdown_table(rp.summary_display(summary))
+                              + _comparisons_md(comp, level="##"))
             plans = rp.figure_plans(data, summary, cfg.reference, cfg.max_curves)
             if not cfg.figures:
                 plans = [rp.FigurePlan(p.key, p.stem, p.title, None, "figures turned off (--no-figures)")
@@ -128,7 +133,7 @@ def report(cfg: ReportConfig) -> Run:
                           "# Table 5 — evaluation stability σ_ε\n\n" + _TABLE5_NOTE + "\n"
                           + rp.markdown_table(stab, align_right=set(stab.columns[1:])))
         atomic_write_text(out / "report.md", _report_md(cfg, data, summary, plans, drawn, failed,
-                                                        cost, stab, notices))
+                                                        cost, stab, notices, comp))
         run.update(figures={k: v for k, v in drawn.items()},
                    figures_missing={p.key: p.missing for p in plans if p.draw is None},
                    figures_failed=failed)
@@ -150,7 +155,17 @@ def _summary_intro(cfg: ReportConfig) -> str:
             "diverge; \"—\": not defined. See report.md for the CI method.\n")
 
 
-def _report_md(cfg, data, summary, plans, drawn, failed, cost, stab, notices) -> str:
+def _comparisons_md(comp, level: str) -> str:
+    """The paired-comparisons section (empty when nothing learned was compared)."""
+    from optamal import report as rp
+
+    if comp.empty:
+        return ""
+    return (f"\n{level} Learned optimizers vs Adam and the oracle\n\n" + rp.COMPARISONS_NOTE + "\n"
+            + rp.markdown_table(rp.comparisons_display(comp)))
+
+
+def _report_md(cfg, data, summary, plans, drawn, failed, cost, stab, notices, comp) -> str:
     from optamal import report as rp
 
     lines = ["# optamal report", "",
@@ -176,6 +191,9 @@ def _report_md(cfg, data, summary, plans, drawn, failed, cost, stab, notices) ->
               rp.markdown_table(rp.summary_display(head)), "",
               "All optimizers: [summary.md](summary.md) ([summary.csv](summary.csv)); one row per "
               "evaluation: [responses.csv](responses.csv).", ""]
+    if not comp.empty:
+        lines += [_comparisons_md(comp, level="##").strip(), "",
+                  "As CSV: [comparisons.csv](comparisons.csv).", ""]
     lines += ["## Figures", ""]
     for p in plans:
         if p.key in drawn:
