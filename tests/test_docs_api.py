@@ -74,3 +74,18 @@ def test_readme_training_loop_block_runs_with_the_shipped_policy():
 
     assert ns["opt"].policy_file == str(DEFAULT_POLICY)
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_pretrained_results_doc_is_the_report_of_enough_evaluations():
+    # Issue 6's evidence: the tool's summary.md for the shipped policy on ≥ 5 mnist5k
+    # problems with ≥ 5 evaluations each, compared with Adam and the oracle.
+    doc = (API_MD.parent / "pretrained-results.md").read_text()
+    assert doc.startswith("# Summary")
+    rows = [ln.split("|")[1:-1] for ln in doc.splitlines() if ln.startswith("| ")]
+    summary = [[c.strip() for c in r] for r in rows if len(r) == 12 and r[0].strip() != "problem"]
+    pre = {r[0]: r for r in summary if r[1] == "pretrained"}
+    assert len(pre) >= 5 and all(int(r[9]) >= 5 for r in pre.values())
+    assert {r[0] for r in summary if r[1].split()[0] == "adam"} >= set(pre)
+    assert {r[0] for r in summary if r[1].endswith("(oracle)")} >= set(pre)
+    comp = [[c.strip() for c in r] for r in rows if len(r) == 8 and r[0].strip() == "pretrained"]
+    assert {(r[1].split()[0], r[2]) for r in comp} == {(role, p) for role in ("adam", "oracle") for p in pre}
