@@ -283,7 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:   # not the main thread (embedded use): leave signals alone
         pass
     try:
-        app(args=argv, standalone_mode=False)
+        finished = False
+        try:
+            app(args=argv, standalone_mode=False)
+            finished = True
+        finally:
+            _shutdown_distributed(finished)
     except OptamalError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -297,6 +302,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {msg} (see --help)", file=sys.stderr)
         return 2
     return 0
+
+
+def _shutdown_distributed(finished: bool) -> None:
+    """Under torchrun: leave the process group in order (imports nothing otherwise)."""
+    if "optamal.distributed" in sys.modules:
+        sys.modules["optamal.distributed"].shutdown(wait=finished)
 
 
 def _click_classes() -> tuple[tuple, tuple, tuple]:

@@ -87,6 +87,23 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def shutdown(wait: bool = True) -> None:
+    """Destroy the process group if one was made (under torchrun). Left to interpreter exit,
+    gloo's threads can be torn down while still joinable, which aborts the rank
+    ("terminate called without an active exception", exit -6) after its work is done.
+    ``wait=False`` after an error: a barrier could pair with another rank's collective."""
+    if "torch.distributed" not in __import__("sys").modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            if wait:   # after a normal finish: no rank leaves while another still talks to it
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
 def barrier() -> None:
     if world()[1] > 1:
         import torch.distributed as dist
