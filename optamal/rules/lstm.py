@@ -48,9 +48,33 @@ class CoordinateLSTM(nn.Module):
         return LSTMState(z, z, z, z)
 
     def forward(self, x: torch.Tensor, state: LSTMState) -> tuple[torch.Tensor, LSTMState]:
-        h1, c1 = self.cell1(x, (state.h1, state.c1))
-        h2, c2 = self.cell2(h1, (state.h2, state.c2))
+        if x.device.type == "cpu" and not torch.is_grad_enabled():
+            h1, c1 = _cpu_cell(self.cell1, x, state.h1, state.c1)
+            h2, c2 = _cpu_cell(self.cell2, h1, state.h2, state.c2)
+        else:
+            h1, c1 = self.cell1(x, (state.h1, state.c1))
+            h2, c2 = self.cell2(h1, (state.h2, state.c2))
         return self.head(h2), LSTMState(h1, c1, h2, c2)
+
+
+def _cpu_cell(cell: nn.LSTMCell, x: torch.Tensor, h: torch.Tensor,
+              c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cell(x, (h, c))`` without autograd on CPU, ~3× faster over many coordinates.
+
+    ATen's no-grad LSTM cell applies sigmoid/tanh in place on the four strided gate slices,
+    which does not vectorise (measured 18.6 ms vs 6.2 ms here for 15,910 coordinates, one
+    thread). This applies one sigmoid to the contiguous gate matrix and tanh(z) as
+    2·sigmoid(2z) − 1 (tanh itself is ~3× slower than sigmoid here). Same gate order
+    (i, f, g, o) and weights; outputs agree with ``nn.LSTMCell`` to ~5e-7. With gradients
+    (meta-training) or on CUDA the fused ATen cell is used."""
+    H = cell.hidden_size
+    gates = torch.addmm(cell.bias_ih + cell.bias_hh, x, cell.weight_ih.t())
+    gates.addmm_(h, cell.weight_hh.t())
+    g = gates[:, 2 * H:3 * H].mul(2).sigmoid_().mul_(2).sub_(1)
+    s = gates.sigmoid_()
+    c_new = torch.addcmul(s[:, H:2 * H] * c, s[:, :H], g)
+    h_new = c_new.mul(2).sigmoid_().mul_(2).sub_(1).mul_(s[:, 3 * H:])
+    return h_new, c_new
 
 
 def run_net(net: nn.Module, params: dict[str, torch.Tensor] | None, *args):
