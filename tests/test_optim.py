@@ -447,3 +447,30 @@ def test_a_build_without_the_pretrained_policy_says_so(monkeypatch, tmp_path):
     monkeypatch.setattr(optamal.pretrained, "DEFAULT_POLICY", tmp_path / "default.pt")
     with pytest.raises(OptamalError, match="ships no pretrained policy"):
         AmalgamatedOptimizer(_mlp().parameters())
+
+def test_cpu_no_grad_lstm_cell_matches_torch_lstm_cell():
+    """The CPU inference cell (one sigmoid over the gate matrix, tanh via sigmoid) computes
+    what nn.LSTMCell computes, over the ranges the optimizer meets (large pre-activations
+    saturate the same way); with gradients enabled the ATen cell itself runs."""
+    from optamal.rules.lstm import _cpu_cell
+
+    torch.manual_seed(0)
+    cell = nn.LSTMCell(2, 20)
+    for scale in (0.1, 1.0, 30.0):
+        x = torch.randn(4000, 2) * scale
+        h, c = torch.randn(4000, 20), torch.randn(4000, 20) * scale
+        want_h, want_c = cell(x, (h, c))
+        with torch.no_grad():
+            got_h, got_c = _cpu_cell(cell, x, h, c)
+        assert torch.allclose(got_h, want_h, rtol=0, atol=2e-6), scale
+        assert torch.allclose(got_c, want_c, rtol=1e-6, atol=2e-6), scale
+        assert not got_h.requires_grad and want_h.requires_grad
+    net = RNNPropNet()
+    x = torch.randn(300, 2)
+    state = net.zero_state(300, x)
+    out_grad, _ = net(x, state)   # grad mode: the ATen cell, differentiable
+    out_grad.sum().backward()
+    assert net.cell1.weight_ih.grad is not None
+    with torch.no_grad():
+        out_fast, _ = net(x, state)
+    assert torch.allclose(out_fast, out_grad.detach(), atol=2e-6)
