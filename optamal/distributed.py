@@ -10,6 +10,7 @@ folder. Without torchrun, world size is 1 and every helper here is a no-op.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import torch
@@ -92,7 +93,7 @@ def shutdown(wait: bool = True) -> None:
     gloo's threads can be torn down while still joinable, which aborts the rank
     ("terminate called without an active exception", exit -6) after its work is done.
     ``wait=False`` after an error: a barrier could pair with another rank's collective."""
-    if "torch.distributed" not in __import__("sys").modules:
+    if "torch.distributed" not in sys.modules:
         return
     import torch.distributed as dist
 
