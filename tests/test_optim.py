@@ -448,6 +448,7 @@ def test_a_build_without_the_pretrained_policy_says_so(monkeypatch, tmp_path):
     with pytest.raises(OptamalError, match="ships no pretrained policy"):
         AmalgamatedOptimizer(_mlp().parameters())
 
+
 def test_cpu_no_grad_lstm_cell_matches_torch_lstm_cell():
     """The CPU inference cell (one sigmoid over the gate matrix, tanh via sigmoid) computes
     what nn.LSTMCell computes, over the ranges the optimizer meets (large pre-activations
